@@ -1,0 +1,1 @@
+"""The control plane: admission, ledger, checkpoints, dashboard, and the local-swarm launcher."""

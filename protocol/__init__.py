@@ -1,0 +1,1 @@
+"""What every role must agree on, bit for bit: config, tasks and rewards, shards, signatures, schemas."""
