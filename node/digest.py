@@ -1,0 +1,21 @@
+"""Model digests: peers compare them every round to prove they hold the same θ."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def tensors_digest(named: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of each tensor, in the given order."""
+    h = hashlib.sha256()
+    for name, tensor in named:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    return tensors_digest(sorted(model.state_dict().items()))
