@@ -1,0 +1,133 @@
+"""Real swarm peers for the tests: each one a peer_worker.py process in its own process group.
+
+A peer is several processes (the worker, its DHT and averager processes, two p2pd daemons), so
+"kill the peer" means signalling its process group, whose id is the worker's pid. The ``peers``
+fixture kills every group it started when the test ends, passed or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("peer_worker.py")
+STARTUP_TIMEOUT = 60.0
+
+
+class Peer:
+    """A running peer_worker.py: send it commands, read its JSON events."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True,  # its own process group: pgid == pid
+        )
+        self.pid = self.process.pid
+        self._events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_events, daemon=True).start()
+
+    def _read_events(self) -> None:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                self._events.put(json.loads(line))
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, event: str, timeout: float) -> dict:
+        """The next event, which must be ``event``, within ``timeout`` seconds."""
+        try:
+            received = self._events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"peer {self.pid}: no {event!r} within {timeout}s; log tail:\n{self.log_tail()}")
+        assert received["event"] == event, f"peer {self.pid}: expected {event!r}, got {received}"
+        return received
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.pid, signum)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (a stopped process dies too), then reap the worker."""
+        try:
+            self.signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+        self._log.close()
+        _wait_group_gone(self.pid)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in psutil.process_iter() if _pgid(p) == pgid and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {pgid} still alive: {alive}")
+
+
+def _pgid(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, psutil.Error):
+        return None
+
+
+class Swarm:
+    """The peers of one test; ``directory`` holds their logs and saved tensors."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.started: list[Peer] = []
+
+    def launch(self, *args: str) -> Peer:
+        peer = Peer([*args, "--out-dir", str(self.directory)], self.directory / f"peer{len(self.started)}.log")
+        self.started.append(peer)
+        return peer
+
+    def start(self, *args: str) -> tuple[Peer, dict]:
+        """Launch a peer and wait until it is ready; returns it with its ``ready`` event."""
+        peer = self.launch(*args)
+        return peer, peer.expect("ready", STARTUP_TIMEOUT)
+
+    def start_joined(self, first: Peer, ready: dict, *peer_args: list[str]) -> list[Peer]:
+        """Launch peers that bootstrap from ``first`` (in parallel) and wait until all are ready."""
+        joined = [self.launch(*args, "--initial-peers", *ready["maddrs"]) for args in peer_args]
+        for peer in joined:
+            peer.expect("ready", STARTUP_TIMEOUT)
+        return joined
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    """Start peers with it; every peer's process group is killed when the test ends, passed or failed."""
+    swarm = Swarm(tmp_path)
+    try:
+        yield swarm
+    finally:
+        for peer in swarm.started:
+            peer.kill()
