@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from node.logprobs import completion_logits, token_logps
 from node.models import Policy, trainable_parameters
 from node.rollouts import encode_completions, encode_prompts, generate
-from protocol.tasks import Task
+from protocol.tasks import Question, Task, TaskError
 
 
 @dataclass
@@ -60,6 +60,19 @@ def logit_kl_loss(student: Policy, teacher: Policy, prompts: list[str], targets:
     return (per_token * mask).sum() / mask.sum()
 
 
+def _sample_questions(task: Task, count: int, rng: random.Random, need_solutions: bool) -> list[Question]:
+    """Random train questions; for SFT only those that come with a reference solution."""
+    picked: list[Question] = []
+    for _ in range(count * 20):
+        question = task.question(rng.randrange(task.size("train")))
+        if question.solution or not need_solutions:
+            picked.append(question)
+        if len(picked) == count:
+            return picked
+    raise TaskError(f"{task.name}: too few reference solutions to distill from; "
+                    "use a teacher model (--teacher) or set warm_start.steps=0")
+
+
 def distill(student: Policy, task: Task, settings: DistillSettings, teacher: Policy | None = None,
             on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``student`` for ``settings.steps`` batches of train-split questions; returns the losses."""
@@ -69,18 +82,20 @@ def distill(student: Policy, task: Task, settings: DistillSettings, teacher: Pol
     student.model.train()
     losses = []
     for step in range(settings.steps):
-        questions = [task.question(rng.randrange(task.size("train"))) for _ in range(settings.batch_size)]
-        prompts = [q.prompt for q in questions]
+        questions = _sample_questions(task, settings.batch_size, rng, need_solutions=teacher is None)
+        raw = [q.prompt for q in questions]
+        prompts = student.render(raw)
         if teacher is None:
             targets = [q.solution for q in questions]
         else:
-            targets = generate(teacher.model, teacher.tokenizer, prompts, 1, settings.max_new_tokens, greedy=True).texts
+            targets = generate(teacher.model, teacher.tokenizer, teacher.render(raw), 1, settings.max_new_tokens,
+                               greedy=True).texts
         loss = logit_kl_loss(student, teacher, prompts, targets) if use_logits else sft_loss(student, prompts, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable_parameters(student.model), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

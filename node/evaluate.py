@@ -25,7 +25,7 @@ def evaluate(policy: Policy, task: Task, questions: int, max_new_tokens: int, ba
     examples = []
     for start in range(0, count, batch_size):
         chunk = qs[start:start + batch_size]
-        texts = generate(policy.model, policy.tokenizer, [q.prompt for q in chunk], 1, max_new_tokens,
+        texts = generate(policy.model, policy.tokenizer, policy.render([q.prompt for q in chunk]), 1, max_new_tokens,
                          greedy=True).texts
         correct += sum(task.correctness(q, t) for q, t in zip(chunk, texts))
         formatted += sum(task.format_ok(t) for t in texts)

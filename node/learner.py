@@ -60,7 +60,7 @@ class Learner:
 
     def collect(self, questions: list[Question], generator: torch.Generator | None = None) -> ScoredBatch:
         rollout, grpo = self.config.rollout, self.config.grpo
-        rollouts = generate(self.policy.model, self.policy.tokenizer, [q.prompt for q in questions],
+        rollouts = generate(self.policy.model, self.policy.tokenizer, self.policy.render([q.prompt for q in questions]),
                             rollout.group_size, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
                             generator=generator)
         repeated = [q for q in questions for _ in range(rollout.group_size)]
@@ -111,7 +111,7 @@ class Learner:
                 max_completion_length=self.config.rollout.max_new_tokens)
             share = loss_weight(grpo.loss_type, mask) / max(total_weight, 1e-12)
             (loss * share).backward()
-            metrics["loss"] = float(loss)
+            metrics["loss"] = float(loss.detach())
             metrics["entropy"] = float((token_entropy(logits, self.config.rollout.temperature) * mask).sum()
                                        / mask.sum().clamp(min=1))
             for key, value in metrics.items():

@@ -32,10 +32,18 @@ class Policy:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    chat_template: bool = False
 
     @property
     def uses_lora(self) -> bool:
         return hasattr(self.model, "disable_adapter")
+
+    def render(self, prompts: list[str]) -> list[str]:
+        """Task prompts as the model expects them: raw, or as a user turn of its chat template."""
+        if not self.chat_template:
+            return prompts
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in prompts]
 
 
 def home_dir() -> Path:
@@ -81,6 +89,7 @@ def ensure_tiny_preset(seed: int = 0) -> Path:
     path = home_dir() / "presets" / f"{TINY}-seed{seed}"
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
+    quiet_transformers()
     tokenizer = make_char_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(len(tokenizer)))
@@ -94,10 +103,19 @@ def ensure_tiny_preset(seed: int = 0) -> Path:
     return path
 
 
+def quiet_transformers() -> None:
+    """Our own progress display is the one the user reads; transformers' bars are noise here."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_policy(section: ModelSection, seed: int = 0, path: str | None = None) -> Policy:
     """Load the model named in the config (or an explicit local ``path``) with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     source = path or (str(ensure_tiny_preset(seed)) if section.name == TINY else section.name)
     device = resolve_device(section.device)
     try:
@@ -111,10 +129,12 @@ def load_policy(section: ModelSection, seed: int = 0, path: str | None = None) -
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if section.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"model.chat_template: the tokenizer of {source!r} has no chat template")
     model.to(device)
     if section.lora_rank > 0:
         model = _add_lora(model, section)
-    return Policy(model=model, tokenizer=tokenizer, device=device)
+    return Policy(model=model, tokenizer=tokenizer, device=device, chat_template=section.chat_template)
 
 
 def _add_lora(model, section: ModelSection):
