@@ -13,8 +13,11 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     """Logits that predict each completion token: [B, C, V]."""
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    return logits[:, prompt_ids.shape[1] - 1:-1, :]
+    # Only the positions that predict completion tokens: with a 150k vocabulary the prompt's
+    # logits would be most of the memory.
+    keep = completion_ids.shape[1] + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=keep).logits
+    return logits[:, :-1, :]
 
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -87,7 +87,9 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p for p in prompts for _ in range(group_size)], device)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     batch = prompt_ids.shape[0]
     eos = tokenizer.eos_token_id
     tokens, logps = [], []
