@@ -83,10 +83,10 @@ def cmd_eval(args) -> None:
     Console().print(table)
 
 
-def cmd_bench(args) -> None:
+def cmd_bench(args) -> int | None:
     from node.bench import run_bench
 
-    run_bench(args)
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(grpo)
     grpo.add_argument("--repeats", type=int, default=3)
     grpo.set_defaults(func=cmd_bench)
+    allreduce = bench_sub.add_parser("allreduce", help="all-reduce time of N local peers next to the loopback bound")
+    from node.swarm.bench_allreduce import add_arguments
+
+    add_arguments(allreduce)
+    allreduce.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -126,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     from node.errors import EXPECTED_ERRORS
 
     try:
-        args.func(args)
+        status = args.func(args)
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from node.bench import grpo
+from node.swarm import bench_allreduce
 
-BENCHES = {"grpo": grpo.run}
+BENCHES = {"grpo": grpo.run, "allreduce": bench_allreduce.run_from_args}
 
 
 def run_bench(args):

@@ -220,19 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", choices=list(COMPRESSIONS), default="none")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="grpo-swarm bench allreduce", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_from_args(args)
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """For the CLI: ``args`` has peers, size, rounds, compression. Exit status 1 if any round failed."""
     result = run_allreduce_bench(args.peers, args.size, args.rounds, args.compression)
     print_allreduce_table(result)
     return 0 if all(row["ok"] == result["peers"] for row in result["rounds"]) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
