@@ -44,11 +44,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """The optimizer's state as flat named tensors ("<param index>.<key>") and its param groups."""
     state = optimizer.state_dict()
     tensors = {f"{index}.{key}": torch.as_tensor(value).detach().cpu().contiguous()
                for index, entries in state["state"].items() for key, value in entries.items()}
     return tensors, state["param_groups"]
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    """The inverse of ``optimizer_tensors``: a state dict for ``Optimizer.load_state_dict``."""
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
 
 
 def save_checkpoint(root: str | Path, round_: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -64,7 +74,7 @@ def save_checkpoint(root: str | Path, round_: int, model: torch.nn.Module, optim
     files = ["model.safetensors"]
     groups = []
     if optimizer is not None:
-        tensors, groups = _optimizer_tensors(optimizer)
+        tensors, groups = optimizer_tensors(optimizer)
         save_file(tensors, tmp / "optimizer.safetensors")
         files.append("optimizer.safetensors")
     manifest = {"round": round_, "config": config, "model_digest": model_digest(model),
@@ -108,17 +118,14 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     expected = model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"checkpoint {checkpoint.path}: tensors do not match this model's architecture")
-    optimizer_state = None
+    loaded_optimizer = None
     if optimizer is not None and (checkpoint.path / "optimizer.safetensors").exists():
         manifest = json.loads((checkpoint.path / MANIFEST).read_text())
-        state: dict = {}
-        for key, value in load_file(checkpoint.path / "optimizer.safetensors").items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        optimizer_state = {"state": state, "param_groups": manifest["param_groups"]}
+        loaded_optimizer = optimizer_state(load_file(checkpoint.path / "optimizer.safetensors"),
+                                           manifest["param_groups"])
     model.load_state_dict(weights)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if loaded_optimizer is not None:
+        optimizer.load_state_dict(loaded_optimizer)
     if model_digest(model) != checkpoint.model_digest:
         raise CheckpointError(f"checkpoint {checkpoint.path}: loaded model digest differs from the manifest")
     return checkpoint

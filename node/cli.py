@@ -27,10 +27,16 @@ def _load(args):
 
 
 def cmd_node(args) -> None:
-    from node.solo import train_solo
+    if args.solo:
+        from node.solo import train_solo
 
-    config = _load(args)
-    train_solo(config, Path(args.out), resume=args.resume)
+        train_solo(_load(args), Path(args.out), resume=args.resume)
+        return
+    from node.join import run_swarm_node
+
+    # A node given only initial peers learns the run from the swarm.
+    joining_as_is = args.initial_peers and args.config is None and not args.overrides
+    run_swarm_node(args, None if joining_as_is else _load(args))
 
 
 def cmd_distill(args) -> None:
@@ -97,7 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(node)
     node.add_argument("--solo", action="store_true", help="train alone on this machine (no swarm)")
     node.add_argument("--out", default="runs/solo", help="folder for metrics, plot and checkpoints")
-    node.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    node.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (solo)")
+    swarm = node.add_argument_group("swarm")
+    swarm.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
+                       help="addresses of peers already in the swarm; none: start a new swarm")
+    swarm.add_argument("--run-id", help="which published run to join when the swarm has several")
+    swarm.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
+                       help="addresses to listen on")
+    swarm.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MULTIADDR",
+                       help="addresses other peers should dial (e.g. your public IP)")
+    swarm.add_argument("--identity", help="libp2p identity file: the same peer id across restarts")
+    swarm.add_argument("--client-mode", action="store_true", help="accept no incoming connections (behind NAT)")
+    swarm.add_argument("--no-relay", action="store_true", help="do not use libp2p circuit relays")
+    swarm.add_argument("--use-auto-relay", action="store_true", help="look for relays automatically (NAT)")
+    swarm.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for the libp2p daemon to start")
+    swarm.add_argument("--join-retries", type=int, default=3, help="tries to reach the initial peers")
     node.set_defaults(func=cmd_node)
 
     distill = sub.add_parser("distill", help="distill a student from reference solutions or a teacher model")

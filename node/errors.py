@@ -2,7 +2,8 @@
 
 from node.checkpoint import CheckpointError
 from node.models import ModelLoadError
+from node.swarm.dht import SwarmJoinError
 from protocol.config import ConfigError
 from protocol.tasks import TaskError
 
-EXPECTED_ERRORS = (ConfigError, ModelLoadError, TaskError, CheckpointError)
+EXPECTED_ERRORS = (ConfigError, ModelLoadError, TaskError, CheckpointError, SwarmJoinError)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ def _spec(default, rule: Rule | None = None):
 
 @dataclass
 class RunSection:
-    id: str = _spec("local", NON_EMPTY)
+    id: str = _spec("local", (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,
+                              "must be 1-64 letters, digits, '-' or '_' (it names DHT keys)"))
     seed: int = 0
     rounds: int = _spec(80, POSITIVE)
 
@@ -124,6 +126,19 @@ class CheckpointSection:
 
 
 @dataclass
+class SwarmSection:
+    # Matchmaking window, group bounds and timeouts of each round's all-reduce.
+    min_group_size: int = _spec(2, (lambda v: v >= 2, "must be >= 2 (averaging alone is not a swarm)"))
+    target_group_size: int = _spec(64, (lambda v: v >= 2, "must be >= 2"))
+    matchmaking_time: float = _spec(3.0, POSITIVE)
+    allreduce_timeout: float = _spec(15.0, POSITIVE)
+    next_chunk_timeout: float = _spec(5.0, POSITIVE)
+    agreement_timeout: float = _spec(10.0, POSITIVE)
+    compression: str = _spec("none", one_of(("none", "fp16", "uniform8bit", "quantile8bit")))
+    state_timeout: float = _spec(60.0, POSITIVE)  # loading the current state from peers
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -134,6 +149,7 @@ class RunConfig:
     warm_start: WarmStartSection = field(default_factory=WarmStartSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    swarm: SwarmSection = field(default_factory=SwarmSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -144,12 +144,24 @@ class GradientAverager:
     def share_state(self, value: bool) -> None:
         self._averager.allow_state_sharing = value
 
+    @property
+    def state_sharing_priority(self) -> float:
+        """Joining peers download state from the peer with the highest priority (we use the round)."""
+        return self._averager.state_sharing_priority
+
+    @state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        if self.share_state:
+            self._averager.state_sharing_priority = value
+
     def average(self, tensors: Sequence[torch.Tensor], weight: float, round_: int) -> AllReduceOutcome:
         """The weighted mean sum(w_i x_i) / sum(w_i) of ``tensors`` over this round's group; ``weight``
         is this peer's token count. Does not modify ``tensors``."""
         started = time.monotonic()
         self._check(tensors, weight)
-        token = f"{self.peer_id}:{secrets.token_hex(8)}"  # makes the agreement key unique per call
+        # The round rides along so that a group which mixed rounds is refused by all of its members;
+        # the random part makes the agreement key unique per call.
+        token = f"{self.peer_id}:{round_}:{secrets.token_hex(8)}"
         try:
             self._load(tensors)
             gathered, allreduce_seconds = self._step(token, weight)
@@ -159,6 +171,9 @@ class GradientAverager:
             return _failed(started, one_line(e))
         if len(gathered) < 2:
             return _failed(started, "no other peer joined", group_size=1)
+        rounds = sorted({int(str(token).split(":")[1]) for token in gathered.values()})
+        if rounds != [round_]:
+            return _failed(started, f"the group mixed rounds {rounds}", group_size=len(gathered))
         with self._averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         digest = result_digest(averaged)

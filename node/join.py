@@ -1,0 +1,120 @@
+"""``grpo-swarm node`` in a swarm: join the DHT, learn the run, train in rounds until done.
+
+Run discovery: whoever starts a swarm publishes the run config under ``RUNS_KEY``
+(subkey = run id); a node that knows only an initial peer's address reads it from
+there, so every peer trains the same run (compared by the config digest).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import time
+from pathlib import Path
+
+import hivemind
+from hivemind.utils.timed_storage import get_dht_time
+from rich.console import Console
+
+from node.evaluate import evaluate
+from node.runlog import RunLog, plot_run
+from node.solo import progress_bar
+from node.swarm.dht import start_dht
+from protocol.config import ConfigError, RunConfig
+
+RUNS_KEY = "grpo-swarm.runs"
+RUN_RECORD_LIFETIME = 3600.0
+
+
+def publish_run(dht: hivemind.DHT, config: RunConfig) -> None:
+    dht.store(RUNS_KEY, config.to_dict(), get_dht_time() + RUN_RECORD_LIFETIME, subkey=config.run.id)
+
+
+def discover_run(dht: hivemind.DHT, run_id: str | None, timeout: float = 30.0) -> RunConfig:
+    """The run config published in the swarm: the one named ``run_id``, or the only one there is."""
+    deadline = time.monotonic() + timeout
+    runs: dict = {}
+    while time.monotonic() < deadline and not runs:
+        found = dht.get(RUNS_KEY, latest=True)
+        if found is not None and isinstance(found.value, dict):
+            runs = {name: entry.value for name, entry in found.value.items()}
+        if not runs:
+            time.sleep(1.0)
+    if not runs:
+        raise ConfigError(f"no run is published in this swarm (waited {timeout:.0f}s); pass --config to start one")
+    if run_id is None and len(runs) > 1:
+        raise ConfigError(f"the swarm has several runs ({', '.join(sorted(runs))}): choose one with --run-id")
+    name = run_id or next(iter(runs))
+    if name not in runs:
+        raise ConfigError(f"run {name!r} is not published in this swarm (found: {', '.join(sorted(runs))})")
+    return RunConfig.from_dict(runs[name])
+
+
+def check_multiaddrs(option: str, addresses) -> None:
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for address in addresses or ():
+        try:
+            Multiaddr(address)
+        except Exception as e:
+            raise ConfigError(f"{option}: {address!r} is not a valid multiaddr ({e})") from None
+
+
+def join_swarm(args) -> hivemind.DHT:
+    for option in ("initial_peers", "host_maddrs", "announce_maddrs"):
+        check_multiaddrs("--" + option.replace("_", "-"), getattr(args, option))
+    mp.set_start_method("fork", force=True)  # hivemind passes pipes that only survive fork
+    return start_dht(
+        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+        identity_path=args.identity, client_mode=args.client_mode, use_relay=not args.no_relay,
+        use_auto_relay=args.use_auto_relay, startup_timeout=args.startup_timeout, retries=args.join_retries,
+    )
+
+
+def run_swarm_node(args, config: RunConfig | None, console: Console | None = None) -> None:
+    """Train in the swarm until the run's last round; SIGTERM and Ctrl-C stop it cleanly."""
+    from node.peer import SwarmPeer
+
+    console = console or Console()
+    dht = join_swarm(args)
+    peer = None
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        if config is None:
+            config = discover_run(dht, args.run_id)
+        elif not args.initial_peers:
+            publish_run(dht, config)
+        addresses = " ".join(str(a) for a in dht.get_visible_maddrs())
+        console.print(f"peer {dht.peer_id} in run {config.run.id!r} (config {config.digest()[:12]})")
+        if not args.initial_peers:
+            console.print(f"join with: grpo-swarm node --initial-peers {addresses}", soft_wrap=True)
+        peer = SwarmPeer(config, dht)
+        if args.initial_peers:
+            peer.sync_from_peers()
+        train_in_swarm(peer, config, Path(args.out), console, stop)
+    finally:
+        if peer is not None:
+            peer.shutdown()
+        dht.shutdown()
+
+
+def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, stop: dict) -> None:
+    log = RunLog(out_dir / "metrics.jsonl")
+    with progress_bar(console) as progress:
+        bar = progress.add_task("swarm rounds", total=config.run.rounds, completed=peer.round, status="")
+        while peer.round < config.run.rounds and not stop["now"]:
+            report = peer.run_round()
+            sync = peer.check_in_step()
+            log.write("train", report.round, stepped=report.stepped, reason=report.reason, sync=sync,
+                      peer=peer.peer_id, **report.metrics)
+            if report.stepped and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
+                result = evaluate(peer.policy, peer.task, config.eval.questions, config.rollout.max_new_tokens)
+                log.write("eval", peer.round, accuracy=result.accuracy, questions=result.questions)
+            if not report.stepped:
+                status = f"waiting: {report.reason}"
+            else:
+                status = (f"reward {report.metrics['reward']:.2f} group {report.metrics['group_size']} "
+                          f"all-reduce {report.metrics['allreduce_seconds']:.2f}s")
+            progress.update(bar, completed=peer.round, status=status)
+    plot_run(log, out_dir / "plot.png", title=f"{config.run.id}: peer {peer.peer_id[-8:]}")
