@@ -89,6 +89,12 @@ def cmd_eval(args) -> None:
     Console().print(table)
 
 
+def cmd_simulate(args) -> None:
+    from coordinator.simulate import simulate
+
+    simulate(_load(args), args.peers, Path(args.out))
+
+
 def cmd_bench(args) -> int | None:
     from node.bench import run_bench
 
@@ -130,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(ev)
     ev.add_argument("model", nargs="?", help="checkpoint folder, model folder or hub name (default: config model)")
     ev.set_defaults(func=cmd_eval)
+
+    simulate = sub.add_parser("simulate", help="a local swarm: a bootstrap peer and N node processes on 127.0.0.1")
+    _config_args(simulate)
+    simulate.add_argument("--peers", type=int, default=4, help="node processes to start")
+    simulate.add_argument("--out", default="runs/simulate", help="folder for metrics, plot and node logs")
+    simulate.set_defaults(func=cmd_simulate)
 
     bench = sub.add_parser("bench", help="benchmarks, printed as tables with ratios against a baseline")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -112,13 +112,15 @@ class SwarmPeer:
             metrics["grad_norm"] = self.learner.apply(outcome.tensors)
         self.round = r + 1
         self.averager.state_sharing_priority = self.round
-        self.publish_progress()
+        metrics["model_digest"] = self.publish_progress()
         return RoundReport(r, True, metrics)
 
-    def publish_progress(self) -> None:
-        record = {"round": self.round, "digest": model_digest(self.policy.model)}
-        self.dht.store(f"{self.config.run.id}.progress", record, get_dht_time() + PROGRESS_LIFETIME,
-                       subkey=self.peer_id, return_future=True)
+    def publish_progress(self) -> str:
+        """Tell the swarm our round and model digest; returns the digest."""
+        digest = model_digest(self.policy.model)
+        self.dht.store(f"{self.config.run.id}.progress", {"round": self.round, "digest": digest},
+                       get_dht_time() + PROGRESS_LIFETIME, subkey=self.peer_id, return_future=True)
+        return digest
 
     def swarm_progress(self) -> dict[str, dict]:
         found = self.dht.get(f"{self.config.run.id}.progress", latest=True)

@@ -1,0 +1,145 @@
+"""``grpo-swarm simulate --peers N``: a whole swarm on this machine, on 127.0.0.1.
+
+It warm-starts θ_0 once (every node then loads the cached model), runs a bootstrap
+DHT that publishes the run, starts N ``grpo-swarm node`` processes that learn the
+run from it, and shows a live table of their rounds. Each node runs in its own
+process group with one torch thread (N peers share the machine's cores); on Ctrl-C
+or when every node is done, each group is stopped by its pid, SIGTERM first.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from node.join import publish_run
+from node.runlog import RunLog, plot_run
+from node.solo import progress_bar
+from node.swarm.dht import start_dht
+from node.warm_start import warm_started_policy
+from protocol.config import RunConfig
+from protocol.tasks import load_task
+
+STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    process: subprocess.Popen
+    out_dir: Path
+
+    def records(self) -> list[dict]:
+        return RunLog(self.out_dir / "metrics.jsonl").records()
+
+
+def start_node(name: str, initial_peer: str, out_dir: Path) -> NodeProcess:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "node.cli", "node", "--initial-peers", initial_peer,
+               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--out", str(out_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = open(out_dir / "node.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return NodeProcess(name, process, out_dir)
+
+
+def stop_nodes(nodes: list[NodeProcess]) -> None:
+    """SIGTERM each node's process group (the node, its DHT and its p2p daemons), then SIGKILL."""
+    for node in nodes:
+        _signal_group(node.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for node in nodes:
+        try:
+            node.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(node.process.pid, signal.SIGKILL)  # also reaps daemons left by a clean exit
+        node.process.wait()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def status_table(nodes: list[NodeProcess], rounds: int) -> Table:
+    table = Table(title=f"local swarm: {len(nodes)} peers, {rounds} rounds")
+    for column in ("peer", "round", "reward", "held-out acc", "group", "all-reduce s", "state"):
+        table.add_column(column, justify="right" if column != "state" else "left")
+    for node in nodes:
+        records = node.records()
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        last = train[-1] if train else {}
+        state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
+        if last and not last.get("stepped"):
+            state += f" ({last.get('reason', '')[:40]})"
+        table.add_row(node.name, str(last.get("round", -1) + 1 if last else 0), f"{last.get('reward', 0):.2f}",
+                      f"{evals[-1]['accuracy']:.3f}" if evals else "-", str(last.get("group_size", "-")),
+                      f"{last.get('allreduce_seconds', 0):.2f}", state)
+    return table
+
+
+def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | None = None,
+             timeout: float | None = None) -> list[NodeProcess]:
+    """Run the swarm to the end of the run (or ``timeout`` seconds); returns the finished nodes."""
+    console = console or Console()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = load_task(config.task.name, config.task.options)
+    with progress_bar(console) as progress:
+        bar = progress.add_task("warm start (shared θ_0)", total=config.warm_start.steps, status="")
+        warm_started_policy(config, task, on_step=lambda step, loss: progress.update(
+            bar, completed=step + 1, status=f"loss {loss:.3f}"))
+        progress.update(bar, completed=config.warm_start.steps)
+
+    mp.set_start_method("fork", force=True)
+    dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    nodes: list[NodeProcess] = []
+    try:
+        publish_run(dht, config)
+        bootstrap = str(dht.get_visible_maddrs()[0])
+        console.print(f"bootstrap peer {bootstrap}", soft_wrap=True)
+        nodes = [start_node(f"peer-{i}", bootstrap, out_dir / f"peer-{i}") for i in range(peers)]
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        with Live(status_table(nodes, config.run.rounds), console=console, refresh_per_second=2) as live:
+            while any(n.process.poll() is None for n in nodes) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                live.update(status_table(nodes, config.run.rounds))
+    finally:
+        stop_nodes(nodes)
+        dht.shutdown()
+    write_summary(nodes, config, out_dir)
+    console.print(f"metrics {out_dir / 'metrics.jsonl'}, plot {out_dir / 'plot.png'}, node logs {out_dir}/peer-*/")
+    return nodes
+
+
+def write_summary(nodes: list[NodeProcess], config: RunConfig, out_dir: Path) -> None:
+    """One record per round for the whole swarm: mean reward over the peers that stepped, and accuracy."""
+    by_round: dict[int, list[dict]] = {}
+    for node in nodes:
+        for record in node.records():
+            if record["kind"] == "train" and record.get("stepped"):
+                by_round.setdefault(record["round"], []).append(record)
+    log = RunLog(out_dir / "metrics.jsonl")
+    log.path.unlink(missing_ok=True)
+    for round_, records in sorted(by_round.items()):
+        log.write("train", round_, peers=len(records), reward=sum(r["reward"] for r in records) / len(records),
+                  allreduce_seconds=max(r["allreduce_seconds"] for r in records))
+    for record in nodes[0].records() if nodes else []:
+        if record["kind"] == "eval":
+            log.write("eval", record["round"], accuracy=record["accuracy"])
+    plot_run(log, out_dir / "plot.png", title=f"{config.run.id}: {len(nodes)}-peer local swarm")
+    (out_dir / "run.json").write_text(json.dumps(config.to_dict(), indent=1))
