@@ -101,6 +101,12 @@ def run_swarm_node(args, config: RunConfig | None, console: Console | None = Non
 
 def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, stop: dict) -> None:
     log = RunLog(out_dir / "metrics.jsonl")
+
+    def run_eval() -> None:
+        result = evaluate(peer.policy, peer.task, config.eval.questions, config.rollout.max_new_tokens)
+        log.write("eval", peer.round, accuracy=result.accuracy, questions=result.questions)
+
+    run_eval()  # where this peer starts: θ_0, or the state it loaded from the swarm
     with progress_bar(console) as progress:
         bar = progress.add_task("swarm rounds", total=config.run.rounds, completed=peer.round, status="")
         while peer.round < config.run.rounds and not stop["now"]:
@@ -109,8 +115,7 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
             log.write("train", report.round, stepped=report.stepped, reason=report.reason, sync=sync,
                       peer=peer.peer_id, **report.metrics)
             if report.stepped and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
-                result = evaluate(peer.policy, peer.task, config.eval.questions, config.rollout.max_new_tokens)
-                log.write("eval", peer.round, accuracy=result.accuracy, questions=result.questions)
+                run_eval()
             if not report.stepped:
                 status = f"waiting: {report.reason}"
             else:

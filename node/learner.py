@@ -51,7 +51,7 @@ class Learner:
         self.params = trainable_parameters(policy.model)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay,
-                                           betas=(optim.adam_beta1, optim.adam_beta2))
+                                           betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon)
         self.rewards = reward_functions(task, config.task.format_reward)
         # With LoRA the reference is the base model with adapters off; otherwise a frozen copy.
         self.reference = None

@@ -103,6 +103,7 @@ class OptimSection:
     max_grad_norm: float = _spec(1.0, NON_NEGATIVE)  # 0 disables clipping
     adam_beta1: float = _spec(0.9, UNIT_INTERVAL)
     adam_beta2: float = _spec(0.99, UNIT_INTERVAL)
+    adam_epsilon: float = _spec(1e-8, POSITIVE)
     micro_batch_size: int = _spec(0, NON_NEGATIVE)  # rows per forward/backward; 0 = the whole batch
 
 

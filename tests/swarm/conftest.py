@@ -28,11 +28,11 @@ STARTUP_TIMEOUT = 60.0
 class Peer:
     """A running peer_worker.py: send it commands, read its JSON events."""
 
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, script: Path = WORKER):
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
+            [sys.executable, str(script), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -104,14 +104,15 @@ class Swarm:
         self.directory = directory
         self.started: list[Peer] = []
 
-    def launch(self, *args: str) -> Peer:
-        peer = Peer([*args, "--out-dir", str(self.directory)], self.directory / f"peer{len(self.started)}.log")
+    def launch(self, *args: str, script: Path = WORKER) -> Peer:
+        peer = Peer([*args, "--out-dir", str(self.directory)], self.directory / f"peer{len(self.started)}.log",
+                    script)
         self.started.append(peer)
         return peer
 
-    def start(self, *args: str) -> tuple[Peer, dict]:
+    def start(self, *args: str, script: Path = WORKER) -> tuple[Peer, dict]:
         """Launch a peer and wait until it is ready; returns it with its ``ready`` event."""
-        peer = self.launch(*args)
+        peer = self.launch(*args, script=script)
         return peer, peer.expect("ready", STARTUP_TIMEOUT)
 
     def start_joined(self, first: Peer, ready: dict, *peer_args: list[str]) -> list[Peer]:
