@@ -93,6 +93,33 @@ def status_table(nodes: list[NodeProcess], rounds: int) -> Table:
     return table
 
 
+class LocalSwarm:
+    """A bootstrap DHT that publishes the run, and node processes that join it; all stopped on exit."""
+
+    def __init__(self, config: RunConfig, out_dir: Path):
+        self.config, self.out_dir = config, out_dir
+        self.nodes: list[NodeProcess] = []
+
+    def __enter__(self) -> "LocalSwarm":
+        mp.set_start_method("fork", force=True)
+        self.dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        publish_run(self.dht, self.config)
+        self.bootstrap = str(self.dht.get_visible_maddrs()[0])
+        return self
+
+    def add_node(self) -> NodeProcess:
+        name = f"peer-{len(self.nodes)}"
+        self.nodes.append(start_node(name, self.bootstrap, self.out_dir / name))
+        return self.nodes[-1]
+
+    def running(self) -> bool:
+        return any(n.process.poll() is None for n in self.nodes)
+
+    def __exit__(self, *exc) -> None:
+        stop_nodes(self.nodes)
+        self.dht.shutdown()
+
+
 def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | None = None,
              timeout: float | None = None) -> list[NodeProcess]:
     """Run the swarm to the end of the run (or ``timeout`` seconds); returns the finished nodes."""
@@ -105,25 +132,19 @@ def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | No
             bar, completed=step + 1, status=f"loss {loss:.3f}"))
         progress.update(bar, completed=config.warm_start.steps)
 
-    mp.set_start_method("fork", force=True)
-    dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    nodes: list[NodeProcess] = []
-    try:
-        publish_run(dht, config)
-        bootstrap = str(dht.get_visible_maddrs()[0])
-        console.print(f"bootstrap peer {bootstrap}", soft_wrap=True)
-        nodes = [start_node(f"peer-{i}", bootstrap, out_dir / f"peer-{i}") for i in range(peers)]
+    with LocalSwarm(config, out_dir) as swarm:
+        console.print(f"bootstrap peer {swarm.bootstrap}", soft_wrap=True)
+        for _ in range(peers):
+            swarm.add_node()
         deadline = time.monotonic() + timeout if timeout else float("inf")
-        with Live(status_table(nodes, config.run.rounds), console=console, refresh_per_second=2) as live:
-            while any(n.process.poll() is None for n in nodes) and time.monotonic() < deadline:
+        with Live(status_table(swarm.nodes, config.run.rounds), console=console, refresh_per_second=2) as live:
+            while swarm.running() and time.monotonic() < deadline:
                 time.sleep(1.0)
-                live.update(status_table(nodes, config.run.rounds))
-    finally:
-        stop_nodes(nodes)
-        dht.shutdown()
-    write_summary(nodes, config, out_dir)
-    console.print(f"metrics {out_dir / 'metrics.jsonl'}, plot {out_dir / 'plot.png'}, node logs {out_dir}/peer-*/")
-    return nodes
+                live.update(status_table(swarm.nodes, config.run.rounds))
+    write_summary(swarm.nodes, config, out_dir)
+    console.print(f"metrics {out_dir / 'metrics.jsonl'}, plot {out_dir / 'plot.png'}, node logs {out_dir}/peer-*/",
+                  soft_wrap=True)
+    return swarm.nodes
 
 
 def write_summary(nodes: list[NodeProcess], config: RunConfig, out_dir: Path) -> None:

@@ -1,0 +1,87 @@
+"""Faults in a real local swarm of ``grpo-swarm node`` processes on 127.0.0.1.
+
+Four peers train; at round 3 one is killed with SIGKILL in the middle of its work, at
+round 5 another is frozen with SIGSTOP, and a fifth peer joins late. The survivors and
+the late joiner must finish every round without crashing or hanging, never step on a
+partial average, and hold the same model (equal digests) after every round they share;
+the late joiner must start from the swarm's current state, not from θ_0.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+
+from coordinator.simulate import LocalSwarm
+from node.warm_start import warm_started_policy
+from protocol.config import load_config
+from protocol.tasks import load_task
+
+ROUNDS = 12
+DEADLINE = 480.0  # seconds for the whole scenario; the test fails, and stops every process, past it
+
+
+def stepped_rounds(node) -> list[int]:
+    return [r["round"] for r in node.records() if r["kind"] == "train" and r.get("stepped")]
+
+
+def wait_until(predicate, deadline: float) -> None:
+    while not predicate():
+        assert time.monotonic() < deadline, "the swarm did not get there in time"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults")
+    config = load_config(overrides=[f"run.rounds={ROUNDS}", "eval.every=100", "swarm.matchmaking_time=2",
+                                    "swarm.allreduce_timeout=8", "swarm.state_timeout=30"])
+    warm_started_policy(config, load_task(config.task.name))  # once, before the nodes load it
+    deadline = time.monotonic() + DEADLINE
+    with LocalSwarm(config, out) as swarm:
+        killed, frozen, *survivors = [swarm.add_node() for _ in range(4)]
+        wait_until(lambda: max(stepped_rounds(killed), default=-1) >= 2, deadline)
+        os.killpg(killed.process.pid, signal.SIGKILL)
+        late = swarm.add_node()
+        wait_until(lambda: max(stepped_rounds(frozen), default=-1) >= 4, deadline)
+        os.killpg(frozen.process.pid, signal.SIGSTOP)
+        finishers = [*survivors, late]
+        wait_until(lambda: all(n.process.poll() is not None for n in finishers), deadline)
+    return killed, frozen, finishers
+
+
+@pytest.mark.slow
+def test_survivors_and_late_joiner_finish_in_agreement(faulty_run):
+    killed, frozen, finishers = faulty_run
+    assert [n.process.returncode for n in finishers] == [0] * len(finishers)
+    digests: dict[int, set] = {}
+    for node in finishers:
+        assert stepped_rounds(node)[-1] == ROUNDS - 1
+        for record in node.records():
+            if record["kind"] == "train" and record.get("stepped"):
+                digests.setdefault(record["round"], set()).add(record["model_digest"])
+    assert all(len(found) == 1 for found in digests.values()), digests
+
+
+@pytest.mark.slow
+def test_late_joiner_starts_from_the_swarm_state(faulty_run):
+    *_, late = faulty_run[2]
+    first_eval = next(r for r in late.records() if r["kind"] == "eval")
+    assert first_eval["round"] >= 3  # it loaded the current state rather than training from θ_0
+    assert stepped_rounds(late)[0] >= first_eval["round"]  # and never stepped a round it had not reached
+
+
+@pytest.mark.slow
+def test_failed_rounds_are_skipped_not_applied(faulty_run):
+    _, _, finishers = faulty_run
+    failed = [r for n in finishers for r in n.records() if r["kind"] == "train" and not r.get("stepped")]
+    assert failed, "the faults should have cost the survivors at least one round"
+    assert all(r["reason"] for r in failed)
+
+
+@pytest.mark.slow
+def test_every_process_group_is_gone(faulty_run):
+    for node in [faulty_run[0], faulty_run[1], *faulty_run[2]]:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(node.process.pid, 0)
