@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -55,17 +56,34 @@ def start_node(name: str, initial_peer: str, out_dir: Path) -> NodeProcess:
 
 
 def stop_nodes(nodes: list[NodeProcess]) -> None:
-    """SIGTERM each node's process group (the node, its DHT and its p2p daemons), then SIGKILL."""
+    """SIGTERM each node's process group (the node, its DHT and its p2p daemons), then SIGKILL,
+    and wait until no process of any group is left running."""
     for node in nodes:
         _signal_group(node.process.pid, signal.SIGTERM)
+        _signal_group(node.process.pid, signal.SIGCONT)  # a frozen node must run to see SIGTERM
     deadline = time.monotonic() + STOP_GRACE
     for node in nodes:
         try:
             node.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             pass
-        _signal_group(node.process.pid, signal.SIGKILL)  # also reaps daemons left by a clean exit
+        _signal_group(node.process.pid, signal.SIGKILL)  # also the daemons a clean exit leaves behind
         node.process.wait()
+    deadline = time.monotonic() + STOP_GRACE
+    while any(group_members(n.process.pid) for n in nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Processes of group ``pgid`` still running (zombies wait for PID 1 to reap them and do not count)."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -138,9 +156,12 @@ def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | No
             swarm.add_node()
         deadline = time.monotonic() + timeout if timeout else float("inf")
         with Live(status_table(swarm.nodes, config.run.rounds), console=console, refresh_per_second=2) as live:
-            while swarm.running() and time.monotonic() < deadline:
-                time.sleep(1.0)
-                live.update(status_table(swarm.nodes, config.run.rounds))
+            try:
+                while swarm.running() and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    live.update(status_table(swarm.nodes, config.run.rounds))
+            except KeyboardInterrupt:  # Ctrl-C: stop the nodes, keep what they wrote
+                console.print("stopping the swarm")
     write_summary(swarm.nodes, config, out_dir)
     console.print(f"metrics {out_dir / 'metrics.jsonl'}, plot {out_dir / 'plot.png'}, node logs {out_dir}/peer-*/",
                   soft_wrap=True)

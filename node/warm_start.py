@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 from typing import Callable
 
 from node.distill import DistillSettings, distill

@@ -17,7 +17,7 @@ import signal
 import socket
 import statistics
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from hivemind.compression import CompressionInfo

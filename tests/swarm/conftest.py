@@ -17,8 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from coordinator.simulate import group_members
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("peer_worker.py")
@@ -83,18 +84,11 @@ class Peer:
 def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = [p for p in psutil.process_iter() if _pgid(p) == pgid and p.status() != psutil.STATUS_ZOMBIE]
+        alive = group_members(pgid)
         if not alive:
             return
         time.sleep(0.1)
     raise AssertionError(f"processes of group {pgid} still alive: {alive}")
-
-
-def _pgid(process: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(process.pid)
-    except (ProcessLookupError, psutil.Error):
-        return None
 
 
 class Swarm:
