@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from dataclasses import dataclass
 
 import hivemind
@@ -147,11 +146,3 @@ class SwarmPeer:
     def shutdown(self) -> None:
         self.averager.shutdown()
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
