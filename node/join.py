@@ -1,8 +1,9 @@
 """``grpo-swarm node`` in a swarm: join the DHT, learn the run, train in rounds until done.
 
 Run discovery: whoever starts a swarm publishes the run config under ``RUNS_KEY``
-(subkey = run id); a node that knows only an initial peer's address reads it from
-there, so every peer trains the same run (compared by the config digest).
+(subkey = run id) and every live peer refreshes it; a node that knows only an
+initial peer's address reads it from there. A node that brings its own config must
+match the published one (by config digest), so every peer trains the same run.
 """
 
 from __future__ import annotations
@@ -26,8 +27,27 @@ RUNS_KEY = "grpo-swarm.runs"
 RUN_RECORD_LIFETIME = 3600.0
 
 
+class SwarmStalled(RuntimeError):
+    """The peer could not complete a round for too long (no group, or the swarm moved on without it)."""
+
+
 def publish_run(dht: hivemind.DHT, config: RunConfig) -> None:
     dht.store(RUNS_KEY, config.to_dict(), get_dht_time() + RUN_RECORD_LIFETIME, subkey=config.run.id)
+
+
+def published_runs(dht: hivemind.DHT) -> dict[str, dict]:
+    found = dht.get(RUNS_KEY, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {name: entry.value for name, entry in found.value.items()}
+
+
+def check_same_run(dht: hivemind.DHT, config: RunConfig) -> None:
+    """A peer that brings its own config must bring the swarm's: a different one would train another model."""
+    published = published_runs(dht).get(config.run.id)
+    if published is not None and RunConfig.from_dict(published).digest() != config.digest():
+        raise ConfigError(f"run {config.run.id!r}: this config differs from the one the swarm trains "
+                          "(join without --config/--set to use the swarm's)")
 
 
 def discover_run(dht: hivemind.DHT, run_id: str | None, timeout: float = 30.0) -> RunConfig:
@@ -35,9 +55,7 @@ def discover_run(dht: hivemind.DHT, run_id: str | None, timeout: float = 30.0) -
     deadline = time.monotonic() + timeout
     runs: dict = {}
     while time.monotonic() < deadline and not runs:
-        found = dht.get(RUNS_KEY, latest=True)
-        if found is not None and isinstance(found.value, dict):
-            runs = {name: entry.value for name, entry in found.value.items()}
+        runs = published_runs(dht)
         if not runs:
             time.sleep(1.0)
     if not runs:
@@ -83,7 +101,8 @@ def run_swarm_node(args, config: RunConfig | None, console: Console | None = Non
     try:
         if config is None:
             config = discover_run(dht, args.run_id)
-        elif not args.initial_peers:
+        else:
+            check_same_run(dht, config)
             publish_run(dht, config)
         addresses = " ".join(str(a) for a in dht.get_visible_maddrs())
         console.print(f"peer {dht.peer_id} in run {config.run.id!r} (config {config.digest()[:12]})")
@@ -107,11 +126,17 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
         log.write("eval", peer.round, accuracy=result.accuracy, questions=result.questions)
 
     run_eval()  # where this peer starts: θ_0, or the state it loaded from the swarm
+    failures = 0
     with progress_bar(console) as progress:
         bar = progress.add_task("swarm rounds", total=config.run.rounds, completed=peer.round, status="")
         while peer.round < config.run.rounds and not stop["now"]:
             report = peer.run_round()
+            failures = 0 if report.stepped else failures + 1
+            if failures >= config.swarm.max_failed_rounds:
+                raise SwarmStalled(f"gave up after {failures} failed rounds in a row at round {peer.round} "
+                                   f"(last: {report.reason})")
             sync = peer.check_in_step()
+            publish_run(peer.dht, config)  # any live peer keeps the run discoverable
             log.write("train", report.round, stepped=report.stepped, reason=report.reason, sync=sync,
                       peer=peer.peer_id, **report.metrics)
             if report.stepped and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
@@ -122,4 +147,8 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
                 status = (f"reward {report.metrics['reward']:.2f} group {report.metrics['group_size']} "
                           f"all-reduce {report.metrics['allreduce_seconds']:.2f}s")
             progress.update(bar, completed=peer.round, status=status)
+        linger_until = time.monotonic() + config.swarm.linger
+        while not stop["now"] and time.monotonic() < linger_until and peer.peers_behind():
+            progress.update(bar, status="done; serving the final state to peers still behind")
+            time.sleep(1.0)
     plot_run(log, out_dir / "plot.png", title=f"{config.run.id}: peer {peer.peer_id[-8:]}")

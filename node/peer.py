@@ -35,7 +35,9 @@ from protocol.shards import question_ids
 from protocol.tasks import load_task
 
 logger = logging.getLogger(__name__)
-PROGRESS_LIFETIME = 600.0  # seconds a (round, digest) record stays in the DHT
+# Seconds a (round, digest) record stays in the DHT. Live peers refresh theirs every attempt,
+# so a record older than this belongs to a peer that is gone.
+PROGRESS_LIFETIME = 60.0
 
 
 @dataclass
@@ -107,6 +109,7 @@ class SwarmPeer:
             if not outcome.ok:
                 if iteration > 0:  # some of this round's steps were taken: the model is off the swarm's path
                     self.sync_from_peers()
+                self.publish_progress()
                 return RoundReport(r, False, metrics, outcome.reason)
             metrics["grad_norm"] = self.learner.apply(outcome.tensors)
         self.round = r + 1
@@ -126,6 +129,10 @@ class SwarmPeer:
         if found is None or not isinstance(found.value, dict):
             return {}
         return {peer: entry.value for peer, entry in found.value.items() if isinstance(entry.value, dict)}
+
+    def peers_behind(self) -> int:
+        """Live peers (fresh progress records) at an earlier round than ours."""
+        return sum(p["round"] < self.round for peer, p in self.swarm_progress().items() if peer != self.peer_id)
 
     def check_in_step(self) -> str:
         """Compare with the swarm; resync when behind or outvoted. Returns what was found."""

@@ -137,6 +137,8 @@ class SwarmSection:
     agreement_timeout: float = _spec(10.0, POSITIVE)
     compression: str = _spec("none", one_of(("none", "fp16", "uniform8bit", "quantile8bit")))
     state_timeout: float = _spec(60.0, POSITIVE)  # loading the current state from peers
+    max_failed_rounds: int = _spec(40, POSITIVE)  # consecutive failures before a peer gives up
+    linger: float = _spec(60.0, NON_NEGATIVE)  # seconds a finished peer serves state to peers still behind
 
 
 @dataclass
