@@ -25,8 +25,8 @@ from rich.live import Live
 from rich.table import Table
 
 from node.join import publish_run
+from node.progress import loss_progress
 from node.runlog import RunLog, plot_run
-from node.solo import progress_bar
 from node.swarm.dht import start_dht
 from node.warm_start import warm_started_policy
 from protocol.config import RunConfig
@@ -144,11 +144,8 @@ def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | No
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(config.task.name, config.task.options)
-    with progress_bar(console) as progress:
-        bar = progress.add_task("warm start (shared θ_0)", total=config.warm_start.steps, status="")
-        warm_started_policy(config, task, on_step=lambda step, loss: progress.update(
-            bar, completed=step + 1, status=f"loss {loss:.3f}"))
-        progress.update(bar, completed=config.warm_start.steps)
+    with loss_progress(console, "warm start (shared θ_0)", config.warm_start.steps) as on_step:
+        warm_started_policy(config, task, on_step=on_step)
 
     with LocalSwarm(config, out_dir) as swarm:
         console.print(f"bootstrap peer {swarm.bootstrap}", soft_wrap=True)

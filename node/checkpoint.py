@@ -34,6 +34,7 @@ class Checkpoint:
     round: int
     config: dict
     model_digest: str
+    param_groups: list  # the optimizer's hyper-parameters (its tensors are in optimizer.safetensors)
 
 
 def _sha256(path: Path) -> str:
@@ -100,7 +101,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             if _sha256(path / name) != expected:
                 raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 mismatch)")
         return Checkpoint(path=path, round=int(manifest["round"]), config=manifest["config"],
-                          model_digest=manifest["model_digest"])
+                          model_digest=manifest["model_digest"], param_groups=manifest.get("param_groups", []))
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {path}: missing {Path(e.filename).name}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -120,9 +121,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         raise CheckpointError(f"checkpoint {checkpoint.path}: tensors do not match this model's architecture")
     loaded_optimizer = None
     if optimizer is not None and (checkpoint.path / "optimizer.safetensors").exists():
-        manifest = json.loads((checkpoint.path / MANIFEST).read_text())
         loaded_optimizer = optimizer_state(load_file(checkpoint.path / "optimizer.safetensors"),
-                                           manifest["param_groups"])
+                                           checkpoint.param_groups)
     model.load_state_dict(weights)
     if loaded_optimizer is not None:
         optimizer.load_state_dict(loaded_optimizer)

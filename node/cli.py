@@ -45,7 +45,7 @@ def cmd_distill(args) -> None:
     from node.distill import DistillSettings, distill
     from node.evaluate import evaluate
     from node.models import load_policy
-    from node.solo import progress_bar
+    from node.progress import loss_progress
     from protocol.tasks import load_task
 
     config = _load(args)
@@ -54,10 +54,9 @@ def cmd_distill(args) -> None:
     teacher = load_policy(config.model, config.run.seed, path=args.teacher) if args.teacher else None
     ws = config.warm_start
     console = Console()
-    with progress_bar(console) as progress:
-        bar = progress.add_task("distill", total=ws.steps, status="")
+    with loss_progress(console, "distill", ws.steps) as on_step:
         distill(student, task, DistillSettings(ws.steps, ws.batch_size, ws.lr, seed=config.run.seed), teacher,
-                on_step=lambda step, loss: progress.update(bar, completed=step + 1, status=f"loss {loss:.3f}"))
+                on_step=on_step)
     student.model.save_pretrained(args.out)
     student.tokenizer.save_pretrained(args.out)
     result = evaluate(student, task, config.eval.questions, config.rollout.max_new_tokens)

@@ -17,9 +17,9 @@ import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 from rich.console import Console
 
-from node.evaluate import evaluate
+from node.progress import progress_bar
 from node.runlog import RunLog, plot_run
-from node.solo import progress_bar
+from node.solo import evaluate_and_log
 from node.swarm.dht import start_dht
 from protocol.config import ConfigError, RunConfig
 
@@ -122,8 +122,7 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
     log = RunLog(out_dir / "metrics.jsonl")
 
     def run_eval() -> None:
-        result = evaluate(peer.policy, peer.task, config.eval.questions, config.rollout.max_new_tokens)
-        log.write("eval", peer.round, accuracy=result.accuracy, questions=result.questions)
+        evaluate_and_log(peer.policy, peer.task, config, log, peer.round)
 
     run_eval()  # where this peer starts: θ_0, or the state it loaded from the swarm
     failures = 0
@@ -131,14 +130,14 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
         bar = progress.add_task("swarm rounds", total=config.run.rounds, completed=peer.round, status="")
         while peer.round < config.run.rounds and not stop["now"]:
             report = peer.run_round()
-            failures = 0 if report.stepped else failures + 1
-            if failures >= config.swarm.max_failed_rounds:
-                raise SwarmStalled(f"gave up after {failures} failed rounds in a row at round {peer.round} "
-                                   f"(last: {report.reason})")
             sync = peer.check_in_step()
             publish_run(peer.dht, config)  # any live peer keeps the run discoverable
             log.write("train", report.round, stepped=report.stepped, reason=report.reason, sync=sync,
                       peer=peer.peer_id, **report.metrics)
+            failures = 0 if report.stepped else failures + 1
+            if failures >= config.swarm.max_failed_rounds:
+                raise SwarmStalled(f"gave up after {failures} failed rounds in a row at round {peer.round} "
+                                   f"(last: {report.reason})")
             if report.stepped and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
                 run_eval()
             if not report.stepped:

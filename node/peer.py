@@ -27,11 +27,10 @@ from hivemind.utils.timed_storage import get_dht_time
 from node.checkpoint import optimizer_state, optimizer_tensors
 from node.digest import model_digest
 from node.learner import Learner, batch_metrics
-from node.solo import round_generator
+from node.solo import shard_batch
 from node.swarm.allreduce import GradientAverager
 from node.warm_start import warm_started_policy
 from protocol.config import RunConfig
-from protocol.shards import question_ids
 from protocol.tasks import load_task
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,7 @@ class SwarmPeer:
         self.policy = warm_started_policy(config, self.task)
         self.learner = Learner(self.policy, config, self.task)
         self.round = 0
+        self.digest = model_digest(self.policy.model)  # of the model we hold now; kept current
         swarm = config.swarm
         self.averager = GradientAverager(
             dht, [tuple(p.shape) for p in self.learner.params], prefix=f"{config.run.id}-grads",
@@ -71,8 +71,7 @@ class SwarmPeer:
         tensors, groups = optimizer_tensors(self.learner.optimizer)
         names = sorted(tensors)
         params = [p.detach().cpu().clone() for p in self.learner.params]
-        metadata = {"round": self.round, "optimizer_keys": names, "param_groups": groups,
-                    "model_digest": model_digest(self.policy.model)}
+        metadata = {"round": self.round, "optimizer_keys": names, "param_groups": groups}
         return metadata, params + [tensors[name] for name in names]
 
     def load_state(self, metadata: dict, tensors: list[torch.Tensor]) -> None:
@@ -83,6 +82,7 @@ class SwarmPeer:
         named = dict(zip(metadata["optimizer_keys"], tensors[count:]))
         self.learner.optimizer.load_state_dict(optimizer_state(named, metadata["param_groups"]))
         self.round = int(metadata["round"])
+        self.digest = model_digest(self.policy.model)
 
     def sync_from_peers(self) -> bool:
         """Take the current state from the swarm; False when no peer served one in time."""
@@ -97,9 +97,7 @@ class SwarmPeer:
     def run_round(self) -> RoundReport:
         """Try round ``self.round``; on success the peer holds θ_{r+1} and ``self.round`` advances."""
         config, r = self.config, self.round
-        ids = question_ids(config.run.seed, r, self.peer_id, config.rollout.questions_per_peer, self.task.size("train"))
-        batch = self.learner.collect([self.task.question(i) for i in ids], round_generator(config.run.seed, r,
-                                                                                           self.peer_id))
+        batch = shard_batch(self.learner, config, self.task, r, self.peer_id)
         metrics = batch_metrics(batch, config.rollout.group_size)
         for iteration in range(config.grpo.num_iterations):
             gradient = self.learner.gradient(batch, iteration)
@@ -113,30 +111,32 @@ class SwarmPeer:
                 return RoundReport(r, False, metrics, outcome.reason)
             metrics["grad_norm"] = self.learner.apply(outcome.tensors)
         self.round = r + 1
+        self.digest = model_digest(self.policy.model)
         self.averager.state_sharing_priority = self.round
-        metrics["model_digest"] = self.publish_progress()
+        self.publish_progress()
+        metrics["model_digest"] = self.digest
         return RoundReport(r, True, metrics)
 
-    def publish_progress(self) -> str:
-        """Tell the swarm our round and model digest; returns the digest."""
-        digest = model_digest(self.policy.model)
-        self.dht.store(f"{self.config.run.id}.progress", {"round": self.round, "digest": digest},
+    def publish_progress(self) -> None:
+        """Tell the swarm our round and model digest."""
+        self.dht.store(f"{self.config.run.id}.progress", {"round": self.round, "digest": self.digest},
                        get_dht_time() + PROGRESS_LIFETIME, subkey=self.peer_id, return_future=True)
-        return digest
 
-    def swarm_progress(self) -> dict[str, dict]:
+    def others_progress(self) -> dict[str, dict]:
+        """{peer: {round, digest}} of the other live peers (fresh progress records)."""
         found = self.dht.get(f"{self.config.run.id}.progress", latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
-        return {peer: entry.value for peer, entry in found.value.items() if isinstance(entry.value, dict)}
+        return {peer: entry.value for peer, entry in found.value.items()
+                if peer != self.peer_id and isinstance(entry.value, dict)}
 
     def peers_behind(self) -> int:
-        """Live peers (fresh progress records) at an earlier round than ours."""
-        return sum(p["round"] < self.round for peer, p in self.swarm_progress().items() if peer != self.peer_id)
+        """Live peers at an earlier round than ours."""
+        return sum(p["round"] < self.round for p in self.others_progress().values())
 
     def check_in_step(self) -> str:
         """Compare with the swarm; resync when behind or outvoted. Returns what was found."""
-        others = {peer: p for peer, p in self.swarm_progress().items() if peer != self.peer_id}
+        others = self.others_progress()
         if not others:
             return "alone"
         furthest = max(p["round"] for p in others.values())
@@ -144,9 +144,9 @@ class SwarmPeer:
             return "resynced (behind)" if self.sync_from_peers() else "behind, no state served"
         same_round = [p["digest"] for p in others.values() if p["round"] == self.round]
         if same_round:
-            votes = collections.Counter(same_round + [model_digest(self.policy.model)])
+            votes = collections.Counter(same_round + [self.digest])
             winner, count = votes.most_common(1)[0]
-            if winner != model_digest(self.policy.model) and count > 1:
+            if winner != self.digest and count > 1:
                 return "resynced (digest)" if self.sync_from_peers() else "outvoted, no state served"
         return "in step"
 

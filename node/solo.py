@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from node.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from node.evaluate import evaluate
-from node.learner import Learner, batch_metrics
-from node.models import load_policy
+from node.learner import Learner, ScoredBatch, batch_metrics
+from node.models import Policy, load_policy
+from node.progress import loss_progress, progress_bar
 from node.runlog import RunLog, plot_run
 from node.warm_start import warm_started_policy
 from protocol.config import RunConfig
 from protocol.shards import question_ids
-from protocol.tasks import load_task
+from protocol.tasks import Task, load_task
 
 SOLO_PEER = "solo"
 
@@ -43,9 +43,17 @@ def round_generator(seed: int, round_: int, peer_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
+def shard_batch(learner: Learner, config: RunConfig, task: Task, round_: int, peer_id: str) -> ScoredBatch:
+    """The peer's deterministic questions for ``round_``, sampled and scored."""
+    ids = question_ids(config.run.seed, round_, peer_id, config.rollout.questions_per_peer, task.size("train"))
+    return learner.collect([task.question(i) for i in ids], round_generator(config.run.seed, round_, peer_id))
+
+
+def evaluate_and_log(policy: Policy, task: Task, config: RunConfig, log: RunLog, round_: int) -> float:
+    """Held-out accuracy of the model after ``round_`` rounds, written to the run log."""
+    result = evaluate(policy, task, config.eval.questions, config.rollout.max_new_tokens)
+    log.write("eval", round_, accuracy=result.accuracy, format_rate=result.format_rate, questions=result.questions)
+    return result.accuracy
 
 
 def train_solo(config: RunConfig, out_dir: str | Path, resume: bool = False,
@@ -58,27 +66,22 @@ def train_solo(config: RunConfig, out_dir: str | Path, resume: bool = False,
     start_time = time.time()
 
     resume_from = latest_checkpoint(checkpoints) if resume else None
-    with progress_bar(console) as progress:
-        if resume_from is not None:
-            policy = load_policy(config.model, config.run.seed)
-        else:
-            bar = progress.add_task("warm start", total=config.warm_start.steps, status="")
-            policy = warm_started_policy(config, task, on_step=lambda step, loss: progress.update(
-                bar, completed=step + 1, status=f"loss {loss:.3f}"))
-            progress.update(bar, completed=config.warm_start.steps)
+    if resume_from is not None:
+        policy = load_policy(config.model, config.run.seed)
+    else:
+        with loss_progress(console, "warm start", config.warm_start.steps) as on_step:
+            policy = warm_started_policy(config, task, on_step=on_step)
     learner = Learner(policy, config, task)
 
     def run_eval(round_: int) -> float:
-        result = evaluate(policy, task, config.eval.questions, config.rollout.max_new_tokens)
-        log.write("eval", round_, accuracy=result.accuracy, format_rate=result.format_rate,
-                  questions=result.questions)
-        return result.accuracy
+        return evaluate_and_log(policy, task, config, log, round_)
 
     if resume_from is not None:
         start = load_checkpoint(resume_from, policy.model, learner.optimizer).round
         log.truncate_after(start)
         console.print(f"resumed from {resume_from} (round {start})")
-        first_accuracy = next((r["accuracy"] for r in log.records("eval")), run_eval(start))
+        evals = log.records("eval")
+        first_accuracy = evals[0]["accuracy"] if evals else run_eval(start)
     else:
         log.path.unlink(missing_ok=True)
         start = 0
@@ -107,8 +110,7 @@ def train_solo(config: RunConfig, out_dir: str | Path, resume: bool = False,
 
 def solo_round(learner: Learner, config: RunConfig, task, round_: int, peer_id: str = SOLO_PEER) -> dict:
     """One round on one peer: shard, rollouts, then μ gradient steps on them."""
-    ids = question_ids(config.run.seed, round_, peer_id, config.rollout.questions_per_peer, task.size("train"))
-    batch = learner.collect([task.question(i) for i in ids], round_generator(config.run.seed, round_, peer_id))
+    batch = shard_batch(learner, config, task, round_, peer_id)
     started = time.time()
     for iteration in range(config.grpo.num_iterations):
         gradient = learner.gradient(batch, iteration)

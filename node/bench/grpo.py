@@ -146,7 +146,7 @@ class Ours:
         if warm_up:
             self.memory.start()
         start = time.perf_counter()
-        rollouts = generate(policy.model, policy.tokenizer, [q.prompt for q in questions], rollout.group_size,
+        rollouts = generate(policy.model, policy.tokenizer, policy.render([q.prompt for q in questions]), rollout.group_size,
                             rollout.max_new_tokens, rollout.temperature, rollout.top_p, generator=self.generator)
         generated = time.perf_counter()
         batch = self.learner.collect(questions, self.generator)
