@@ -1,0 +1,173 @@
+"""Admission: only peers holding a current coordinator token (and not banned) take part.
+
+Two doors, both keyed on the libp2p peer id that the p2p daemon authenticates:
+
+- DHT RPCs: hivemind's TokenAuthorizerBase signs every request and response with the peer's libp2p
+  RSA key and attaches an access token; ``SwarmAuthorizer`` accepts only tokens our coordinator
+  signed for this run, naming that same RSA key, and not banned. Our AccessToken travels inside
+  hivemind's (its ``signature`` field carries the whole serialized token).
+- Averaging RPCs (which hivemind does not authorize): the averager admits the peer ids in
+  ``Admission.admitted()``, built from the tokens peers publish under ``tokens_key(run)`` and the
+  coordinator's signed ban list under ``bans_key(run)`` (see node/swarm/averager.py).
+
+The authorizer lives in the DHT process; the host renews the token with the coordinator and pushes
+it (and the ban list) there with ``push_token`` / ``push_bans``. A token outlives a coordinator
+outage by its remaining lifetime, so peers train on while the coordinator restarts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Iterable, Optional
+
+import hivemind
+from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
+from hivemind.utils.auth import TokenAuthorizerBase
+from hivemind.utils.timed_storage import get_dht_time
+
+from protocol import swarm_pb2
+from protocol.identity import P2PIdentity
+from protocol.keys import bans_key, tokens_key
+from protocol.records import RecordError, open_record, parse_record, sign_record
+from protocol.tokens import TokenError, check_token
+
+logger = logging.getLogger(__name__)
+REFRESH_FRACTION = 0.5  # the DHT process asks for the pushed token once half of its lifetime is gone
+BANS_LIFETIME = 3600.0
+
+
+def wrap_token(token: swarm_pb2.AccessToken) -> HivemindToken:
+    return HivemindToken(username=token.peer_id, public_key=token.p2p_public_key,
+                         expiration_time=str(token.expires_at), signature=token.SerializeToString())
+
+
+def unwrap_token(wrapped: HivemindToken) -> swarm_pb2.AccessToken:
+    token = swarm_pb2.AccessToken.FromString(wrapped.signature)
+    if token.peer_id != wrapped.username or token.p2p_public_key != wrapped.public_key:
+        raise TokenError("hivemind token fields differ from the coordinator token inside it")
+    return token
+
+
+class SwarmAuthorizer(TokenAuthorizerBase):
+    """hivemind DHT authorizer admitting holders of a current, unbanned token of this run."""
+
+    def __init__(self, identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
+                 token: swarm_pb2.AccessToken):
+        super().__init__(local_private_key=identity.hivemind_key())
+        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
+        self.banned: frozenset[str] = frozenset()
+        self._pushed = token
+
+    def set_token(self, token: swarm_pb2.AccessToken) -> None:
+        self._pushed = token
+        self._local_access_token = None  # taken (and checked) on the next request
+
+    async def get_token(self) -> HivemindToken:
+        return wrap_token(self._pushed)
+
+    def is_token_valid(self, access_token: HivemindToken) -> bool:
+        try:
+            token = unwrap_token(access_token)
+            check_token(token, self.coordinator_public_key, run_id=self.run_id)
+        except (TokenError, ValueError) as e:
+            logger.debug(f"DHT request refused: {e}")
+            return False
+        return token.peer_id not in self.banned
+
+    def does_token_need_refreshing(self, access_token: HivemindToken) -> bool:
+        token = swarm_pb2.AccessToken.FromString(access_token.signature)
+        return time.time() > token.issued_at + REFRESH_FRACTION * (token.expires_at - token.issued_at)
+
+
+def dht_auth_kwargs(identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
+                    token: swarm_pb2.AccessToken) -> dict:
+    """Extra start_dht kwargs for a DHT that speaks only to admitted peers."""
+    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token)}
+
+
+async def _set_token(token_bytes: bytes, _dht, node) -> None:
+    node.protocol.authorizer.set_token(swarm_pb2.AccessToken.FromString(token_bytes))
+
+
+async def _set_banned(banned: tuple, _dht, node) -> None:
+    node.protocol.authorizer.banned = frozenset(banned)
+
+
+def push_token(dht: hivemind.DHT, token: swarm_pb2.AccessToken) -> None:
+    """Hand a renewed token to the DHT process and publish it for the averagers of other peers."""
+    dht.run_coroutine(functools.partial(_set_token, token.SerializeToString()))
+    dht.store(tokens_key(token.run_id), token.SerializeToString(), token.expires_at, subkey=token.peer_id,
+              return_future=True)
+
+
+def push_bans(dht: hivemind.DHT, banned: Iterable[str]) -> None:
+    dht.run_coroutine(functools.partial(_set_banned, tuple(sorted(banned))))
+
+
+def publish_bans(dht: hivemind.DHT, coordinator_key, run_id: str, banned: Iterable[str]) -> None:
+    """The coordinator's signed ban list, which peers read each round (works while it is down)."""
+    record = sign_record(coordinator_key, "bans", run_id, 0, swarm_pb2.BanList(peer_ids=sorted(banned)))
+    dht.store(bans_key(run_id), record.SerializeToString(), get_dht_time() + BANS_LIFETIME, return_future=True)
+
+
+class Admission:
+    """The host's view of who may take part: current tokens from the DHT minus the coordinator's bans."""
+
+    def __init__(self, run_id: str, coordinator_public_key: bytes):
+        self.run_id, self.coordinator_public_key = run_id, coordinator_public_key
+        self.tokens: dict[str, swarm_pb2.AccessToken] = {}
+        self.banned: set[str] = set()
+        self._bans_signed_at = 0.0
+
+    def add_token(self, peer_id: str, data: bytes) -> Optional[str]:
+        """Keep ``data`` as ``peer_id``'s token if it is one; returns why not otherwise."""
+        try:
+            token = swarm_pb2.AccessToken.FromString(data)
+            check_token(token, self.coordinator_public_key, run_id=self.run_id, peer_id=peer_id)
+        except (TokenError, ValueError, TypeError) as e:
+            return str(e)
+        known = self.tokens.get(peer_id)
+        if known is None or token.expires_at >= known.expires_at:
+            self.tokens[peer_id] = token
+        return None
+
+    def set_bans(self, data: bytes) -> Optional[str]:
+        """Take a ban-list record if the coordinator signed it and it is newer than the one held."""
+        try:
+            record = parse_record(data)
+            if record.public_key != self.coordinator_public_key:
+                raise RecordError("ban list not signed by the coordinator")
+            bans = open_record(record, run_id=self.run_id, kind="bans", body_type=swarm_pb2.BanList,
+                               max_age=BANS_LIFETIME)
+        except RecordError as e:
+            return str(e)
+        if record.timestamp >= self._bans_signed_at:
+            self._bans_signed_at = record.timestamp
+            self.banned = set(bans.peer_ids)
+        return None
+
+    def refresh(self, dht: hivemind.DHT) -> None:
+        """Read the run's tokens and ban list from the DHT (invalid entries are dropped with a log line)."""
+        found = dht.get(tokens_key(self.run_id), latest=True)
+        if found is not None and isinstance(found.value, dict):
+            for peer_id, entry in found.value.items():
+                problem = self.add_token(str(peer_id), entry.value) if isinstance(entry.value, bytes) else "not bytes"
+                if problem:
+                    logger.debug(f"token of {peer_id} dropped: {problem}")
+        found = dht.get(bans_key(self.run_id), latest=True)
+        if found is not None and isinstance(found.value, bytes):
+            problem = self.set_bans(found.value)
+            if problem:
+                logger.warning(f"ban list dropped: {problem}")
+
+    def token_of(self, peer_id: str) -> Optional[swarm_pb2.AccessToken]:
+        """``peer_id``'s current token, or None (none seen, expired, or banned)."""
+        token = self.tokens.get(peer_id)
+        if token is None or peer_id in self.banned or time.time() > token.expires_at:
+            return None
+        return token
+
+    def admitted(self) -> set[str]:
+        return {peer_id for peer_id in self.tokens if self.token_of(peer_id) is not None}
