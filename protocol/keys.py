@@ -44,4 +44,4 @@ def binding_key(run_id: str, round_: int, reducer: str) -> str:
     return f"{run_id}.r{round_}.binding.{reducer}"
 
 
-ROLLOUTS_RPC = "grpo-swarm.rollouts"  # p2p handler name: RolloutRequest -> RolloutBundle
+ROUND_DATA_RPC = "grpo-swarm.round-data"  # p2p handler name: RoundDataRequest -> stream of RoundData
