@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from node.join import publish_run
+from node.announce import publish_run
 from node.progress import loss_progress
 from node.runlog import RunLog, plot_run
 from node.swarm.dht import start_dht
 from node.warm_start import warm_started_policy
 from protocol.config import RunConfig
+from protocol.identity import SigningKey
 from protocol.tasks import load_task
 
 STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL
@@ -121,7 +122,7 @@ class LocalSwarm:
     def __enter__(self) -> "LocalSwarm":
         mp.set_start_method("fork", force=True)
         self.dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        publish_run(self.dht, self.config)
+        publish_run(self.dht, self.config, SigningKey())
         self.bootstrap = str(self.dht.get_visible_maddrs()[0])
         return self
 
