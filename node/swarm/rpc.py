@@ -68,6 +68,11 @@ class PeerService:
             while len({r for r, _ in self._held}) > self._history:
                 self._held.popitem(last=False)
 
+    def held(self, round_: int, what: str) -> tuple[list[bytes], bytes]:
+        """What this peer serves as its ``what`` of ``round_`` (KeyError if nothing)."""
+        with self._lock:
+            return self._held[(round_, what)]
+
     async def _serve(self, request: swarm_pb2.RoundDataRequest, context: P2PContext
                      ) -> AsyncIterator[swarm_pb2.RoundData]:
         reply = swarm_pb2.RoundData(run_id=self.run_id, round=request.round, peer_id=self.peer_id)

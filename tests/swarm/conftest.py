@@ -7,6 +7,7 @@ fixture kills every group it started when the test ends, passed or failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -43,6 +44,7 @@ class Peer:
             start_new_session=True,  # its own process group: pgid == pid
         )
         self.pid = self.process.pid
+        self.ready: dict = {}  # its ready event (peer_id, maddrs, ...), once started
         self._events: queue.Queue = queue.Queue()
         threading.Thread(target=self._read_events, daemon=True).start()
 
@@ -107,22 +109,35 @@ class Swarm:
     def start(self, *args: str, script: Path = WORKER) -> tuple[Peer, dict]:
         """Launch a peer and wait until it is ready; returns it with its ``ready`` event."""
         peer = self.launch(*args, script=script)
-        return peer, peer.expect("ready", STARTUP_TIMEOUT)
+        peer.ready = peer.expect("ready", STARTUP_TIMEOUT)
+        return peer, peer.ready
 
     def start_joined(self, first: Peer, ready: dict, *peer_args: list[str]) -> list[Peer]:
         """Launch peers that bootstrap from ``first`` (in parallel) and wait until all are ready."""
         joined = [self.launch(*args, "--initial-peers", *ready["maddrs"]) for args in peer_args]
         for peer in joined:
-            peer.expect("ready", STARTUP_TIMEOUT)
+            peer.ready = peer.expect("ready", STARTUP_TIMEOUT)
         return joined
 
 
-@pytest.fixture
-def swarm(tmp_path):
-    """Start peers with it; every peer's process group is killed when the test ends, passed or failed."""
-    swarm = Swarm(tmp_path)
+@contextlib.contextmanager
+def killed_at_exit(swarm: Swarm):
     try:
         yield swarm
     finally:
         for peer in swarm.started:
             peer.kill()
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    """Start peers with it; every peer's process group is killed when the test ends, passed or failed."""
+    with killed_at_exit(Swarm(tmp_path)) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def module_swarm(tmp_path_factory):
+    """Like ``swarm``, for peers that the tests of one module share; killed when the module ends."""
+    with killed_at_exit(Swarm(tmp_path_factory.mktemp("swarm"))) as swarm:
+        yield swarm

@@ -1,7 +1,13 @@
 """One swarm peer in its own process, driven by the tests through stdin and reporting JSON lines on stdout.
 
-Commands (one per line): ``average ROUND``, ``load_state TIMEOUT``, ``exit``.
-Events: ready, result, state, stalled, lookup, bye. Averaged tensors go to ``--out-dir`` as .pt files.
+Commands (one per line): ``average ROUND [OPTION=VALUE ...]``, ``load_state TIMEOUT``,
+``admit all`` / ``admit PEER_ID,PEER_ID,...``, ``exit``.
+Events: ready, result, state, admitted, stalled, lookup, bye. Averaged tensors go to ``--out-dir`` as .pt files.
+
+``average`` options: ``seed`` (sketch seed: the result then carries the binding reports and this peer's
+committed sketch), ``clip`` (clip factor), ``max_weight``, and two lies for attack tests: ``scale`` (send
+the inputs times this, while committing to the sketch of the inputs) and ``weight`` (claim this weight
+instead of ``--weight``, the committed one).
 
 ``--stall-at-round R`` injects a fault: in round R this peer's averager process freezes while serving
 its second averaged part (mid all-reduce), announces ``stalled``, and the test then SIGKILLs or
@@ -24,6 +30,7 @@ import torch
 from node.swarm.allreduce import GradientAverager
 from node.swarm.averager import ExactAllReduceRunner
 from node.swarm.dht import start_dht
+from protocol.sketch import sketch_tensors
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 STATE_METADATA = {"round": 7, "model": "test"}
@@ -68,10 +75,21 @@ def arm_stall_fault(part_index: int = 1) -> mp.synchronize.Event:
     return armed
 
 
-def run_average(averager: GradientAverager, args, shapes, round_: int) -> None:
-    tensors = make_tensors(input_seed(args.rank, round_), shapes)
+AVERAGE_OPTIONS = {"seed": int, "clip": float, "max_weight": float, "scale": float, "weight": float}
+
+
+def parse_options(params: list[str]) -> dict:
+    options = dict(param.split("=", 1) for param in params)
+    return {name: AVERAGE_OPTIONS[name](value) for name, value in options.items()}
+
+
+def run_average(averager: GradientAverager, args, shapes, round_: int, options: dict) -> None:
+    inputs = make_tensors(input_seed(args.rank, round_), shapes)
+    tensors = [options.get("scale", 1.0) * t for t in inputs]
     originals = [t.clone() for t in tensors]
-    outcome = averager.average(tensors, args.weight, round_)
+    seed = options.get("seed")
+    outcome = averager.average(tensors, options.get("weight", args.weight), round_, sketch_seed=seed,
+                               clip_factor=options.get("clip", 0.0), max_weight=options.get("max_weight"))
     if outcome.ok:
         torch.save(outcome.tensors, Path(args.out_dir) / f"rank{args.rank}_round{round_}.pt")
     emit(
@@ -83,17 +101,23 @@ def run_average(averager: GradientAverager, args, shapes, round_: int) -> None:
         seconds=outcome.seconds,
         reason=outcome.reason,
         inputs_unchanged=all(torch.equal(a, b) for a, b in zip(tensors, originals)),
+        members=outcome.members,
+        group_id=outcome.group_id.hex(),
+        received={sender: dict(weight=part.weight, offset=part.offset, length=part.length, sketch=list(part.sketch))
+                  for sender, part in outcome.received.items()},
+        committed=sketch_tensors(inputs, seed).tolist() if seed is not None else None,
     )
 
 
 def serve_averager(args, dht) -> None:
     shapes = parse_shapes(args.shapes)
     stall = arm_stall_fault() if args.stall_at_round is not None else None
+    metadata = dict(STATE_METADATA, round=args.state_round)
     averager = GradientAverager(
         dht,
         shapes,
         prefix="test",
-        state_provider=(lambda: (STATE_METADATA, state_tensors(shapes))) if args.serve_state else None,
+        state_provider=(lambda: (metadata, state_tensors(shapes))) if args.serve_state else None,
         compression=args.compression,
         target_group_size=args.target_group_size,
         matchmaking_time=args.matchmaking_time,
@@ -102,6 +126,8 @@ def serve_averager(args, dht) -> None:
         next_chunk_timeout=args.next_chunk_timeout,
         agreement_timeout=args.agreement_timeout,
     )
+    if args.state_priority is not None:
+        averager.state_sharing_priority = args.state_priority
     emit("ready", maddrs=[str(m) for m in dht.get_visible_maddrs()], peer_id=averager.peer_id,
          max_seconds=averager.max_seconds)
     in_flight = None
@@ -111,13 +137,17 @@ def serve_averager(args, dht) -> None:
             round_ = int(params[0])
             if stall is not None and round_ == args.stall_at_round:
                 stall.set()
-            in_flight = threading.Thread(target=run_average, args=(averager, args, shapes, round_))
+            in_flight = threading.Thread(target=run_average,
+                                         args=(averager, args, shapes, round_, parse_options(params[1:])))
             in_flight.start()
         elif command == "load_state":
             loaded = averager.load_state_from_peers(timeout=float(params[0]))
             if loaded is not None:
                 torch.save(loaded[1], Path(args.out_dir) / f"rank{args.rank}_state.pt")
             emit("state", loaded=loaded is not None, metadata=loaded[0] if loaded else None)
+        elif command == "admit":
+            averager.set_admitted(None if params[0] == "all" else params[0].split(","))
+            emit("admitted")
         elif command == "exit":
             break
     started = time.monotonic()
@@ -155,6 +185,8 @@ def main() -> None:
     parser.add_argument("--next-chunk-timeout", type=float, default=3.0)
     parser.add_argument("--agreement-timeout", type=float, default=5.0)
     parser.add_argument("--serve-state", action="store_true")
+    parser.add_argument("--state-round", type=int, default=STATE_METADATA["round"], help="in the state served")
+    parser.add_argument("--state-priority", type=float, default=None)
     parser.add_argument("--stall-at-round", type=int, default=None)
     parser.add_argument("--publish", default=None)
     parser.add_argument("--lookup", default=None)
