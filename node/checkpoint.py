@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -129,3 +130,37 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     if model_digest(model) != checkpoint.model_digest:
         raise CheckpointError(f"checkpoint {checkpoint.path}: loaded model digest differs from the manifest")
     return checkpoint
+
+
+class StateError(ValueError):
+    """A state served by a peer that does not fit the run's model; nothing was loaded."""
+
+
+def load_peer_state(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, metadata: dict,
+                    tensors: Sequence[torch.Tensor]) -> int:
+    """Copy a state in SwarmPeer.state's format (metadata {round, optimizer_keys, param_groups}, tensors =
+    parameters then optimizer tensors) into ``params`` and ``optimizer``; returns its round.
+    All or nothing: any mismatch raises StateError before a value is changed."""
+    try:
+        round_, keys, groups = int(metadata["round"]), list(metadata["optimizer_keys"]), metadata["param_groups"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise StateError(f"state metadata unreadable ({type(e).__name__}: {e})") from None
+    if round_ < 0 or not all(isinstance(key, str) for key in keys):
+        raise StateError(f"state metadata invalid (round {round_}, optimizer keys {keys[:3]}...)")
+    if len(tensors) != len(params) + len(keys):
+        raise StateError(f"state has {len(tensors)} tensors, this model needs {len(params)} + {len(keys)}")
+    for index, (param, value) in enumerate(zip(params, tensors)):
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+            raise StateError(f"state tensor {index} has shape {tuple(getattr(value, 'shape', ()))}, "
+                             f"the parameter {tuple(param.shape)}")
+    # load_state_dict validates the groups and keys before it replaces anything.
+    backup = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(optimizer_state(dict(zip(keys, tensors[len(params):])), groups))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        optimizer.load_state_dict(backup)
+        raise StateError(f"state's optimizer does not fit this model ({type(e).__name__}: {e})") from None
+    with torch.no_grad():
+        for param, value in zip(params, tensors):
+            param.copy_(value)
+    return round_

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 
 import base58
@@ -142,6 +143,18 @@ def verify_p2p(public_der: bytes, signature: bytes, data: bytes) -> bool:
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
+
+
+BINDING_DOMAIN = b"grpo-swarm/p2p-binding/v1"
+
+
+def binding_bytes(public_key: bytes, run_id: str, timestamp: float) -> bytes:
+    """What a peer's libp2p key signs when it registers: "the holder of this peer id also holds the Ed25519 key
+    ``public_key``, in run ``run_id``". ``timestamp`` is the register record's, so the binding is only as
+    fresh as the record that carries it (the record's nonce is chosen when it is signed, after this).
+    DOMAIN, then each field as u64 length + bytes (run id utf-8, timestamp f64 big-endian)."""
+    parts = [BINDING_DOMAIN, public_key, run_id.encode(), struct.pack(">d", timestamp)]
+    return b"".join(struct.pack(">Q", len(part)) + part for part in parts)
 
 
 def hivemind_public_key(public_der: bytes) -> bytes:

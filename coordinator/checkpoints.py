@@ -1,0 +1,140 @@
+"""The coordinator's checkpoints: every ``checkpoint.every`` rounds, take the state from peers and save it.
+
+The coordinator holds no model of its own while the run goes: it downloads the state peers serve to
+joiners (node/peer.py ``SwarmPeer.state``: parameters, optimizer tensors, round) as a client-mode
+averager, loads it into a scratch copy of the run's model and writes node.checkpoint's safetensors
+format with the run config. A served state is untrusted: it is checked whole before anything is copied
+(``load_peer_state``), and refused when peers at the same round publish a different model digest.
+A new peer starts from a checkpoint with ``node.checkpoint.load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from node.checkpoint import StateError, latest_checkpoint, load_peer_state, read_checkpoint, save_checkpoint
+from node.digest import model_digest
+from protocol.config import RunConfig
+from protocol.keys import averaging_prefix, progress_key
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # how often the furthest round is looked at (one small SQL query)
+RETRY_SECONDS = 30.0  # after a try that found no newer state, wait this long (or for progress) to try again
+
+
+def due_round(last_saved: int, config: RunConfig) -> int:
+    """The next round at which a checkpoint is due after ``last_saved``: a multiple of ``checkpoint.every``,
+    or the run's last round (``every`` = 0: only that one)."""
+    every, last = config.checkpoint.every, config.run.rounds
+    if every == 0:
+        return last
+    return min((last_saved // every + 1) * every, last)
+
+
+def progress_digests(dht, run_id: str, round_: int) -> set[str]:
+    """Model digests that live peers publish for ``round_`` (node/peer.py publish_progress)."""
+    found = dht.get(progress_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return set()
+    return {entry.value["digest"] for entry in found.value.values()
+            if isinstance(entry.value, dict) and entry.value.get("round") == round_ and "digest" in entry.value}
+
+
+def scratch_model(dht, config: RunConfig):
+    """The run's policy and learner as SwarmPeer builds them (with LoRA, the frozen base comes from the warm
+    start), and a client-mode averager of the same tensors to download peers' state with."""
+    from node.learner import Learner
+    from node.swarm.allreduce import GradientAverager
+    from node.warm_start import warm_started_policy
+    from protocol.tasks import load_task
+
+    task = load_task(config.task.name, config.task.options)
+    policy = warm_started_policy(config, task)
+    learner = Learner(policy, config, task)
+    averager = GradientAverager(dht, [tuple(p.shape) for p in learner.params], prefix=averaging_prefix(config.run.id),
+                                client_mode=True, matchmaking_time=config.swarm.matchmaking_time)
+    return policy, learner, averager
+
+
+class Checkpointer:
+    """A thread that saves a checkpoint whenever the swarm has passed a due round.
+
+    Construct it in the main thread: hivemind's averager start sets a signal handler, which only the main
+    thread may do (and it sets SIGINT to ignored: install the process's own handlers after this).
+
+    :param furthest_round: the furthest round peers reported running (the ledger's); the state they serve
+      after it is of the next round
+    :param root: folder of ``round-NNNNNN`` checkpoints; the latest one there is where it resumes
+    :param admitted: the peer ids state may come from (registered and not banned); None: any peer
+    """
+
+    def __init__(self, dht, config: RunConfig, root: str | Path, furthest_round: Callable[[], int],
+                 admitted: Optional[Callable[[], Iterable[str]]] = None, poll: float = POLL_SECONDS):
+        self.dht, self.config, self.root = dht, config, Path(root)
+        self.furthest_round, self.admitted, self.poll = furthest_round, admitted, poll
+        latest = latest_checkpoint(self.root)
+        self.last_saved = read_checkpoint(latest).round if latest is not None else 0
+        self.policy, self.learner, self.averager = scratch_model(dht, config)
+        self._last_miss: Optional[tuple[int, float]] = None  # (furthest round, time) of a fruitless try
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.averager.shutdown()
+
+    def due(self) -> bool:
+        """Whether peers should now hold a state past the next due round, and were not asked in vain at
+        this progress just now (a download costs a whole model)."""
+        furthest = self.furthest_round()
+        if self.last_saved >= self.config.run.rounds or furthest + 1 < due_round(self.last_saved, self.config):
+            return False
+        return self._last_miss is None or self._last_miss[0] != furthest or \
+            time.monotonic() > self._last_miss[1] + RETRY_SECONDS
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            if not self.due():
+                continue
+            furthest = self.furthest_round()
+            try:
+                path = self.take()
+            except Exception as e:  # the run goes on; the next round's progress brings another try
+                logger.warning(f"checkpoint not taken: {type(e).__name__}: {e}")
+                path = None
+            if path is None:
+                self._last_miss = (furthest, time.monotonic())
+            else:
+                logger.info(f"saved checkpoint {path}")
+
+    def take(self) -> Optional[Path]:
+        """Download the current state from peers and save it; None when no newer state was served."""
+        if self.admitted is not None:
+            self.averager.set_admitted(self.admitted())
+        served = self.averager.load_state_from_peers(timeout=self.config.swarm.state_timeout)
+        if served is None:
+            logger.info("no peer served its state")
+            return None
+        round_ = load_peer_state(self.learner.params, self.learner.optimizer, *served)
+        if round_ <= self.last_saved:
+            return None
+        digest = model_digest(self.policy.model)
+        published = progress_digests(self.dht, self.config.run.id, round_)
+        if published and digest not in published:
+            raise StateError(f"state of round {round_} has model digest {digest[:12]}, peers at that round "
+                             f"publish {', '.join(sorted(d[:12] for d in published))}")
+        path = save_checkpoint(self.root, round_, self.policy.model, self.learner.optimizer, self.config.to_dict())
+        self.last_saved = round_
+        return path

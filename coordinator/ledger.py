@@ -1,0 +1,278 @@
+"""The run's ledger: one SQLite file (WAL) with peers, rounds, contributions, verdicts, bans and metrics.
+
+Every write is one transaction, committed before the RPC that caused it answers, so a ``kill -9`` of the
+coordinator loses nothing it acknowledged (WAL with ``synchronous=NORMAL`` survives a process kill; only an
+OS crash can lose the last commits). Each write also stores the nonce of the signed record that caused it,
+in the same transaction: a replayed record is refused even after a restart, and a refused request leaves
+nothing behind.
+
+The file names its run and config digest; opening another run's ledger, or a file that is not a ledger,
+is a LedgerError, never a silent mix of two runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from protocol import swarm_pb2
+from protocol.records import DEFAULT_MAX_AGE
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x67727077  # "grpw": marks the file as a grpo-swarm ledger
+NONCE_HORIZON = 2 * DEFAULT_MAX_AGE  # records older than this are refused by age anyway
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE peers (
+    peer_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, p2p_public_key BLOB NOT NULL, role TEXT NOT NULL,
+    address TEXT NOT NULL, registered_at REAL NOT NULL, last_seen REAL NOT NULL, round INTEGER NOT NULL DEFAULT 0,
+    model_digest TEXT NOT NULL DEFAULT '', banned INTEGER NOT NULL DEFAULT 0, ban_reason TEXT NOT NULL DEFAULT '');
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY, reward REAL, accuracy REAL, allreduce_seconds REAL, peers INTEGER NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE TABLE contributions (
+    peer_id TEXT NOT NULL, round INTEGER NOT NULL, token_count REAL, mean_reward REAL, grad_norm REAL,
+    model_digest TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (peer_id, round));
+CREATE TABLE verdicts (
+    verifier TEXT NOT NULL, peer_id TEXT NOT NULL, round INTEGER NOT NULL, passed INTEGER NOT NULL,
+    "check" TEXT NOT NULL, evidence TEXT NOT NULL, contribution_digest BLOB NOT NULL, at REAL NOT NULL);
+CREATE INDEX verdicts_by_peer ON verdicts (peer_id);
+CREATE TABLE bans (
+    peer_id TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL, at REAL NOT NULL, lifted_at REAL,
+    lifted_by TEXT);
+CREATE TABLE metrics (peer_id TEXT NOT NULL, round INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (peer_id, round, name));
+CREATE INDEX metrics_by_round ON metrics (round, name);
+CREATE TABLE nonces (nonce BLOB PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX nonces_by_age ON nonces (at);
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger file cannot be used for this run (not a ledger, another run, newer schema)."""
+
+
+class ReplayedRecord(ValueError):
+    """A signed record whose nonce the ledger has already consumed."""
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    peer_id: str
+    public_key: bytes
+    p2p_public_key: bytes
+    role: str
+    address: str
+    banned: bool
+    ban_reason: str
+
+
+class Ledger:
+    """The ledger of one run. Thread-safe: the gRPC workers share one connection behind a lock."""
+
+    def __init__(self, path: str | Path, run_id: str, config_digest: str):
+        self.path = Path(path)
+        self.run_id, self.config_digest = run_id, config_digest
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open_or_create()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise LedgerError(f"{self.path}: not a grpo-swarm ledger ({e})") from None
+        except LedgerError:
+            self._db.close()
+            raise
+
+    def _open_or_create(self) -> None:
+        """Check what the file is before changing anything in it (even the journal mode is a write)."""
+        application_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+        tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if application_id == 0 and tables == 0:
+            self._set_journal()
+            with self._write() as db:
+                for statement in SCHEMA.split(";")[:-1]:
+                    db.execute(statement)
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [("run_id", self.run_id),
+                                                                 ("config_digest", self.config_digest),
+                                                                 ("created_at", repr(time.time()))])
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
+        if application_id != APPLICATION_ID:
+            raise LedgerError(f"{self.path}: not a grpo-swarm ledger (an SQLite file of something else)")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise LedgerError(f"{self.path}: ledger schema v{version}, this coordinator reads v{SCHEMA_VERSION}")
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("run_id") != self.run_id:
+            raise LedgerError(f"{self.path}: ledger of run {meta.get('run_id')!r}, not {self.run_id!r} "
+                              "(use another --out for another run)")
+        if meta.get("config_digest") != self.config_digest:
+            raise LedgerError(f"{self.path}: run {self.run_id!r} was started with config "
+                              f"{meta.get('config_digest', '')[:12]}, this config is {self.config_digest[:12]} "
+                              "(a run's config cannot change; start a new run id)")
+        self._set_journal()
+
+    def _set_journal(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self, nonce: Optional[bytes] = None, timestamp: Optional[float] = None) -> Iterator[sqlite3.Connection]:
+        """One transaction; with ``nonce``, the record's nonce is consumed in it (ReplayedRecord if seen)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if nonce is not None:
+                    try:
+                        self._db.execute("INSERT INTO nonces VALUES (?, ?)", (nonce, timestamp))
+                    except sqlite3.IntegrityError:
+                        raise ReplayedRecord("replayed record (nonce already used)") from None
+                    self._db.execute("DELETE FROM nonces WHERE at < ?", (time.time() - NONCE_HORIZON,))
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, query: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
+
+    # ---- peers ---------------------------------------------------------------------------------
+    def peer(self, peer_id: str) -> Optional[PeerRow]:
+        rows = self._read("SELECT peer_id, public_key, p2p_public_key, role, address, banned, ban_reason "
+                          "FROM peers WHERE peer_id = ?", (peer_id,))
+        if not rows:
+            return None
+        peer_id, public_key, p2p_public_key, role, address, banned, ban_reason = rows[0]
+        return PeerRow(peer_id, public_key, p2p_public_key, role, address, bool(banned), ban_reason)
+
+    def register(self, peer_id: str, public_key: bytes, p2p_public_key: bytes, role: str, address: str,
+                 nonce: bytes, timestamp: float, now: float) -> None:
+        """Add the peer, or refresh the role and address of a peer registered before with the same key."""
+        with self._write(nonce, timestamp) as db:
+            db.execute("INSERT INTO peers (peer_id, public_key, p2p_public_key, role, address, registered_at, "
+                       "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (peer_id) DO UPDATE SET "
+                       "role = excluded.role, address = excluded.address, last_seen = excluded.last_seen",
+                       (peer_id, public_key, p2p_public_key, role, address, now, now))
+
+    def touch(self, peer_id: str, nonce: bytes, timestamp: float, now: float) -> None:
+        """A token renewal: the peer is alive."""
+        with self._write(nonce, timestamp) as db:
+            db.execute("UPDATE peers SET last_seen = ? WHERE peer_id = ?", (now, peer_id))
+
+    def admitted_peers(self) -> list[str]:
+        """Registered peers that are not banned."""
+        return [row[0] for row in self._read("SELECT peer_id FROM peers WHERE banned = 0 ORDER BY peer_id")]
+
+    def banned_peers(self) -> list[str]:
+        return [row[0] for row in self._read("SELECT peer_id FROM peers WHERE banned = 1 ORDER BY peer_id")]
+
+    def ban(self, peer_id: str, reason: str, by: str, nonce: bytes, timestamp: float, now: float) -> bool:
+        """Ban ``peer_id``; False when it already was (the record is consumed all the same)."""
+        with self._write(nonce, timestamp) as db:
+            return self._ban(db, peer_id, reason, by, now)
+
+    @staticmethod
+    def _ban(db: sqlite3.Connection, peer_id: str, reason: str, by: str, now: float) -> bool:
+        changed = db.execute("UPDATE peers SET banned = 1, ban_reason = ? WHERE peer_id = ? AND banned = 0",
+                             (reason, peer_id)).rowcount
+        if changed:
+            db.execute("INSERT INTO bans (peer_id, reason, by, at) VALUES (?, ?, ?, ?)", (peer_id, reason, by, now))
+        return bool(changed)
+
+    def unban(self, peer_id: str, by: str, nonce: bytes, timestamp: float, now: float) -> bool:
+        """Lift the ban on ``peer_id``; False when it was not banned."""
+        with self._write(nonce, timestamp) as db:
+            changed = db.execute("UPDATE peers SET banned = 0, ban_reason = '' WHERE peer_id = ? AND banned = 1",
+                                 (peer_id,)).rowcount
+            if changed:
+                db.execute("UPDATE bans SET lifted_at = ?, lifted_by = ? WHERE peer_id = ? AND lifted_at IS NULL",
+                           (now, by, peer_id))
+            return bool(changed)
+
+    # ---- rounds --------------------------------------------------------------------------------
+    def heartbeat(self, peer_id: str, round_: int, model_digest: str, metrics: dict[str, float], nonce: bytes,
+                  timestamp: float, now: float) -> None:
+        """Record a peer's report on round ``round_``: its metrics (a later report of the same metric for the
+        same round replaces the earlier one: a retried round counts once), and a contribution when it took
+        part (metrics has "reward" and no "stepped" = 0); then refresh that round's aggregates."""
+        with self._write(nonce, timestamp) as db:
+            db.execute("UPDATE peers SET last_seen = ?, round = max(round, ?), model_digest = ? WHERE peer_id = ?",
+                       (now, round_, model_digest, peer_id))
+            db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
+                           [(peer_id, round_, name, value, now) for name, value in sorted(metrics.items())])
+            if "reward" in metrics and metrics.get("stepped", 1.0) != 0:
+                db.execute("INSERT OR REPLACE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (peer_id, round_, metrics.get("token_count"), metrics["reward"], metrics.get("grad_norm"),
+                            model_digest, now))
+            self._update_round(db, round_, now)
+
+    @staticmethod
+    def _update_round(db: sqlite3.Connection, round_: int, now: float) -> None:
+        reward, peers = db.execute("SELECT avg(mean_reward), count(*) FROM contributions WHERE round = ?",
+                                   (round_,)).fetchone()
+
+        def mean_of(name: str) -> Optional[float]:
+            return db.execute("SELECT avg(value) FROM metrics WHERE round = ? AND name = ?",
+                              (round_, name)).fetchone()[0]
+
+        db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
+                   (round_, reward, mean_of("accuracy"), mean_of("allreduce_seconds"), peers, now))
+
+    def furthest_round(self) -> int:
+        """The furthest round any peer reported (0 before any report)."""
+        return self._read("SELECT coalesce(max(round), 0) FROM peers")[0][0]
+
+    # ---- verdicts ------------------------------------------------------------------------------
+    def verdict(self, verifier: str, verdict: swarm_pb2.Verdict, nonce: bytes, timestamp: float, now: float) -> bool:
+        """Record a verdict; a failed one bans the audited peer in the same transaction.
+        Returns whether this verdict banned it."""
+        with self._write(nonce, timestamp) as db:
+            db.execute("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (verifier, verdict.peer_id, verdict.round, int(verdict.passed), verdict.check,
+                        verdict.evidence, verdict.contribution_digest, now))
+            if verdict.passed:
+                return False
+            reason = f"failed {verdict.check or 'audit'} in round {verdict.round}: {verdict.evidence}"
+            return self._ban(db, verdict.peer_id, reason, verifier, now)
+
+    # ---- status --------------------------------------------------------------------------------
+    def status(self) -> swarm_pb2.StatusReply:
+        with self._lock:
+            peers = self._db.execute(
+                "SELECT p.peer_id, p.address, p.role, p.banned, p.last_seen, p.round, "
+                "(SELECT count(*) FROM contributions c WHERE c.peer_id = p.peer_id), "
+                "(SELECT count(*) FROM verdicts v WHERE v.peer_id = p.peer_id AND v.passed = 1), "
+                "(SELECT count(*) FROM verdicts v WHERE v.peer_id = p.peer_id AND v.passed = 0) "
+                "FROM peers p ORDER BY p.registered_at, p.peer_id").fetchall()
+            rounds = self._db.execute("SELECT round, reward, accuracy, allreduce_seconds, peers FROM rounds "
+                                      "ORDER BY round").fetchall()
+        reply = swarm_pb2.StatusReply(run_id=self.run_id, config_digest=self.config_digest)
+        for peer_id, address, role, banned, last_seen, round_, contributed, passed, failed in peers:
+            reply.peers.add(peer_id=peer_id, address=address, role=role, banned=bool(banned), last_seen=last_seen,
+                            round=round_, rounds_contributed=contributed, verdicts_passed=passed,
+                            verdicts_failed=failed)
+        for round_, reward, accuracy, allreduce_seconds, count in rounds:
+            reply.rounds.add(round=round_, reward=_or_nan(reward), accuracy=_or_nan(accuracy),
+                             allreduce_seconds=_or_nan(allreduce_seconds), peers=count)
+        reply.round = max([p.round for p in reply.peers] + [r.round for r in reply.rounds] + [0])
+        return reply
+
+
+def _or_nan(value: Optional[float]) -> float:
+    return math.nan if value is None else value
