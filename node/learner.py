@@ -5,6 +5,11 @@ the weight it carries, ``apply`` takes the (possibly swarm-averaged) gradient an
 steps the optimizer. A solo run calls them in a row; a swarm peer all-reduces the
 gradient between ``gradient`` and ``apply``, so every peer steps on the same values.
 Clipping happens in ``apply``, on the averaged gradient, for the same reason.
+
+Audit units (DESIGN "Trust" 3): with a sketch seed, ``gradient`` also sketches each unit's
+contribution to the batch gradient. A unit is a run of whole question groups, so a verifier can
+recompute its advantages and its contribution from the unit's rows alone (``unit_gradient``) and
+compare with the committed sketch, at a fraction of the contributor's cost.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from node.models import Policy, trainable_parameters
 from node.rollouts import Rollouts, generate
 from protocol.config import RunConfig
 from protocol.rewards import reward_functions, score
+from protocol.sketch import sketch_tensors
 from protocol.tasks import Question, Task
 
 
@@ -43,6 +49,41 @@ class Gradient:
     tensors: list[torch.Tensor]
     weight: float  # this batch's share in a union batch (see grpo.loss_weight)
     metrics: dict = field(default_factory=dict)
+    unit_sketches: torch.Tensor | None = None  # [units, SKETCH_DIM] float64: each audit unit's contribution
+    sketch_seed: int | None = None  # the seed of unit_sketches
+
+
+@dataclass
+class UnitGradient:
+    """One audit unit's contribution recomputed, with what its forward pass saw of each completion token."""
+
+    sketch: torch.Tensor  # [SKETCH_DIM] float64
+    logps: torch.Tensor  # [rows, C] log-probs of the completion tokens under the current policy
+    entropy: torch.Tensor  # [rows, C] entropy of the tempered next-token distribution
+    surprisal_variance: torch.Tensor  # [rows, C] variance of -log p(token) when sampling from it
+
+
+def audit_units(rows: int, group_size: int, units: int) -> list[slice]:
+    """The row ranges of a batch's audit units: ``units`` runs of whole groups (fewer if fewer groups)."""
+    groups = rows // group_size
+    count = max(1, min(units, groups))
+    bounds = [k * groups // count * group_size for k in range(count)] + [rows]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def micro_batches(rows: slice, size: int) -> list[slice]:
+    """``rows`` in pieces of ``size`` rows (0: one piece)."""
+    step = size or (rows.stop - rows.start)
+    return [slice(a, min(a + step, rows.stop)) for a in range(rows.start, rows.stop, step)]
+
+
+def surprisal_moments(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of -log p(token) for a token sampled from softmax(logits / T)."""
+    with torch.no_grad():
+        logps = torch.log_softmax(logits.float() / temperature, dim=-1)
+        probs = logps.exp()
+        entropy = -(probs * logps).sum(-1)
+        return entropy, ((probs * logps.square()).sum(-1) - entropy.square()).clamp(min=0)
 
 
 class Learner:
@@ -59,66 +100,124 @@ class Learner:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
 
     def collect(self, questions: list[Question], generator: torch.Generator | None = None) -> ScoredBatch:
-        rollout, grpo = self.config.rollout, self.config.grpo
+        rollout = self.config.rollout
         rollouts = generate(self.policy.model, self.policy.tokenizer, self.policy.render([q.prompt for q in questions]),
                             rollout.group_size, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
                             generator=generator)
+        return self.score_rollouts(questions, rollouts)
+
+    def score_rollouts(self, questions: list[Question], rollouts: Rollouts,
+                       reference_logps: bool = True) -> ScoredBatch:
+        """Rewards, advantages and loss mask of ``rollouts`` (G rows per question, in order).
+
+        Without ``reference_logps`` (a verifier recomputing a few units) ``gradient`` computes the
+        reference log-probs of just the rows it needs.
+        """
+        rollout, grpo = self.config.rollout, self.config.grpo
         repeated = [q for q in questions for _ in range(rollout.group_size)]
         totals, parts = score(self.rewards, repeated, rollouts.texts)
         rewards = torch.tensor(totals, dtype=torch.float32)
         mask = rollouts.completion_mask
         if grpo.mask_truncated_completions:
             mask = mask * (~rollouts.truncated).long()[:, None]
+        ref_logps = self._reference_logps(rollouts, slice(None)) if reference_logps and grpo.beta > 0 else None
         return ScoredBatch(
             questions=questions, rollouts=rollouts, rewards=rewards, reward_parts=parts,
             advantages=group_advantages(rewards, rollout.group_size, grpo.scale_rewards).to(mask.device),
-            mask=mask, ref_logps=self._reference_logps(rollouts) if grpo.beta > 0 else None,
+            mask=mask, ref_logps=ref_logps,
         )
 
     @torch.no_grad()
-    def _reference_logps(self, r: Rollouts) -> torch.Tensor:
+    def _reference_logps(self, r: Rollouts, rows: slice) -> torch.Tensor:
         if self.reference is not None:
             model, adapters_off = self.reference, contextlib.nullcontext()
         else:
             model, adapters_off = self.policy.model, self.policy.model.disable_adapter()
         with adapters_off:
-            logits = completion_logits(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-            return token_logps(logits, r.completion_ids, self.config.rollout.temperature)
+            logits = completion_logits(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
+                                       r.completion_mask[rows])
+            return token_logps(logits, r.completion_ids[rows], self.config.rollout.temperature)
 
-    def gradient(self, batch: ScoredBatch, iteration: int = 0) -> Gradient:
-        """Gradient of the GRPO loss on ``batch``, accumulated over micro-batches.
+    def gradient(self, batch: ScoredBatch, iteration: int = 0, sketch_seed: int | None = None) -> Gradient:
+        """Gradient of the GRPO loss on ``batch``, accumulated over micro-batches, as float32 tensors.
 
         Iteration 0 uses the current policy as π_old (ratio 1, as TRL does for μ = 1);
         later iterations use the sampling log-probs, so clipping bounds the drift.
+        With ``sketch_seed``, micro-batches also break at audit-unit boundaries and the result
+        carries the sketch of each unit's contribution. Each unit is computed on zeroed
+        gradients and summed into a float32 total, exactly as ``unit_gradient`` recomputes it:
+        accumulating into a bf16 ``.grad`` instead would round each unit's share by up to 2^-9
+        of the running total, which measured up to 23% of a small unit's sketch norm.
         """
-        grpo, r = self.config.grpo, batch.rollouts
         rows = batch.mask.shape[0]
-        step = self.config.optim.micro_batch_size or rows
-        total_weight = loss_weight(grpo.loss_type, batch.mask)
-        self.optimizer.zero_grad(set_to_none=True)
+        units = [slice(0, rows)] if sketch_seed is None else self.audit_units(rows)
+        total_weight = loss_weight(self.config.grpo.loss_type, batch.mask)
         sums: dict[str, float] = {}
-        for start in range(0, rows, step):
-            part = slice(start, start + step)
-            mask = batch.mask[part]
-            logits = completion_logits(self.policy.model, r.prompt_ids[part], r.prompt_mask[part],
-                                       r.completion_ids[part], r.completion_mask[part])
-            logps = token_logps(logits, r.completion_ids[part], self.config.rollout.temperature)
-            old = logps.detach() if iteration == 0 else r.sampling_logps[part]
-            ref = batch.ref_logps[part] if batch.ref_logps is not None else None
-            loss, metrics = grpo_loss(
-                logps, old, ref, batch.advantages[part], mask, loss_type=grpo.loss_type,
-                epsilon_low=grpo.epsilon_low, epsilon_high=grpo.epsilon_high, delta=grpo.delta, beta=grpo.beta,
-                max_completion_length=self.config.rollout.max_new_tokens)
-            share = loss_weight(grpo.loss_type, mask) / max(total_weight, 1e-12)
-            (loss * share).backward()
-            metrics["loss"] = float(loss.detach())
-            metrics["entropy"] = float((token_entropy(logits, self.config.rollout.temperature) * mask).sum()
-                                       / mask.sum().clamp(min=1))
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * share
-        tensors = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        sketches, total = [], [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        for unit in units:
+            self.optimizer.zero_grad(set_to_none=True)
+            for part in micro_batches(unit, self.config.optim.micro_batch_size):
+                self._accumulate(batch, part, total_weight, iteration, sums)
+            grads = self._grads()
+            if sketch_seed is not None:
+                sketches.append(sketch_tensors(grads, sketch_seed))
+            for t, g in zip(total, grads):
+                t.add_(g)
         self.optimizer.zero_grad(set_to_none=True)
-        return Gradient(tensors=tensors, weight=total_weight, metrics=sums)
+        return Gradient(tensors=total, weight=total_weight, metrics=sums,
+                        unit_sketches=torch.stack(sketches) if sketches else None, sketch_seed=sketch_seed)
+
+    def audit_units(self, rows: int) -> list[slice]:
+        return audit_units(rows, self.config.rollout.group_size, self.config.trust.audit_units)
+
+    def unit_gradient(self, batch: ScoredBatch, unit: slice, sketch_seed: int) -> UnitGradient:
+        """What the unit ``unit`` added to ``gradient(batch, 0, sketch_seed)``, recomputed alone.
+
+        Each micro-batch keeps its share of the whole batch (its loss weight over the batch's),
+        and micro-batches split as in ``gradient``, so the sketches compare without rescaling.
+        """
+        total_weight = loss_weight(self.config.grpo.loss_type, batch.mask)
+        temperature = self.config.rollout.temperature
+        self.optimizer.zero_grad(set_to_none=True)
+        logps, entropy, variance = [], [], []
+        for part in micro_batches(unit, self.config.optim.micro_batch_size):
+            logits, part_logps = self._accumulate(batch, part, total_weight, 0, {})
+            moments = surprisal_moments(logits, temperature)
+            logps.append(part_logps)
+            entropy.append(moments[0])
+            variance.append(moments[1])
+        sketch = sketch_tensors(self._grads(), sketch_seed)
+        self.optimizer.zero_grad(set_to_none=True)
+        return UnitGradient(sketch=sketch, logps=torch.cat(logps), entropy=torch.cat(entropy),
+                            surprisal_variance=torch.cat(variance))
+
+    def _accumulate(self, batch: ScoredBatch, part: slice, total_weight: float, iteration: int,
+                    sums: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of the rows ``part``'s loss times their share; returns their logits and log-probs, detached."""
+        grpo, r = self.config.grpo, batch.rollouts
+        mask = batch.mask[part]
+        logits = completion_logits(self.policy.model, r.prompt_ids[part], r.prompt_mask[part],
+                                   r.completion_ids[part], r.completion_mask[part])
+        logps = token_logps(logits, r.completion_ids[part], self.config.rollout.temperature)
+        old = logps.detach() if iteration == 0 else r.sampling_logps[part]
+        ref = None
+        if grpo.beta > 0:
+            ref = batch.ref_logps[part] if batch.ref_logps is not None else self._reference_logps(r, part)
+        loss, metrics = grpo_loss(
+            logps, old, ref, batch.advantages[part], mask, loss_type=grpo.loss_type,
+            epsilon_low=grpo.epsilon_low, epsilon_high=grpo.epsilon_high, delta=grpo.delta, beta=grpo.beta,
+            max_completion_length=self.config.rollout.max_new_tokens)
+        share = loss_weight(grpo.loss_type, mask) / max(total_weight, 1e-12)
+        (loss * share).backward()
+        metrics["loss"] = float(loss.detach())
+        metrics["entropy"] = float((token_entropy(logits, self.config.rollout.temperature) * mask).sum()
+                                   / mask.sum().clamp(min=1))
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * share
+        return logits.detach(), logps.detach()
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     def apply(self, tensors: list[torch.Tensor]) -> float:
         """Step on ``tensors`` (the averaged gradient); returns its norm before clipping."""

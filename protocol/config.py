@@ -33,6 +33,7 @@ NON_NEGATIVE: Rule = (lambda v: v >= 0, "must be >= 0")
 PROBABILITY: Rule = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 UNIT_INTERVAL: Rule = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 NON_EMPTY: Rule = (lambda v: bool(v.strip()), "must not be empty")
+POSITIVE_OR_UNSET: Rule = (lambda v: v is None or v > 0, "must be > 0 (or unset)")
 
 
 def one_of(options) -> Rule:
@@ -142,6 +143,39 @@ class SwarmSection:
 
 
 @dataclass
+class TrustSection:
+    """Audits of contributions and the all-reduce's defences (DESIGN "Trust" 3-5).
+
+    Every tolerance bounds honest noise with a margin; node/audit.py gives the honest distributions
+    they were set from (``grpo-swarm bench verifier`` measures them again).
+    """
+
+    audit_units: int = _spec(8, POSITIVE)  # sketched units per contribution, each whole question groups
+    audit_sample: int = _spec(2, POSITIVE)  # units a verifier recomputes per audit
+    audit_rate: float = _spec(1.0, PROBABILITY)  # fraction of contributions a verifier audits
+    # Tolerances of what a verifier recomputes. Unset: the measured default for model.dtype
+    # (node.audit.DTYPE_TOLERANCES): bf16 rounding noise is ~10^4 times fp32's.
+    logprob_max_abs: float | None = _spec(None, POSITIVE_OR_UNSET)  # max |sampling - prefill log-prob| of a token
+    logprob_mean_abs: float | None = _spec(None, POSITIVE_OR_UNSET)  # mean of the same over the audited tokens
+    sketch_min_cosine: float | None = _spec(None, (lambda v: v is None or -1 < v <= 1, "must be in (-1, 1] (or unset)"))
+    sketch_norm_tolerance: float | None = _spec(None, POSITIVE_OR_UNSET)  # |committed / recomputed unit norm - 1|
+    # a unit deviating by less than this x the audited units' RMS norm is rounding noise, whatever its angle
+    sketch_noise_floor: float | None = _spec(None, POSITIVE_OR_UNSET)
+    surprisal_max_z: float = _spec(6.0, POSITIVE)  # tokens less likely than sampling makes them, in std errors
+    grad_norm_factor: float = _spec(2.0, (lambda v: v > 1, "must be > 1"))  # committed grad_norm vs sketch norm
+    clip_factor: float = _spec(4.0, NON_NEGATIVE)  # robust clipping of each sender's part; 0 = off
+    # relative error between a sender's part sketches (after compression) and its committed sketch;
+    # measured on the tiny model's gradients: none ~1e-7, fp16 1.8e-4..2.3e-4, 8-bit 0.26..0.69
+    binding_tolerance: float = _spec(2e-3, POSITIVE)
+    token_lifetime: float = _spec(300.0, POSITIVE)  # seconds an access token is valid
+    rollout_history: int = _spec(4, POSITIVE)  # rounds a peer keeps its rollout bundles for verifiers
+
+
+# 8-bit codecs move a part by up to ~0.7 of its norm (see binding_tolerance): a tighter tolerance bans honest peers.
+MIN_BINDING_TOLERANCE = {"uniform8bit": 1.5, "quantile8bit": 1.5}
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -153,6 +187,14 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     swarm: SwarmSection = field(default_factory=SwarmSection)
+    trust: TrustSection = field(default_factory=TrustSection)
+
+    def __post_init__(self):
+        floor = MIN_BINDING_TOLERANCE.get(self.swarm.compression, 0.0)
+        if self.trust.binding_tolerance < floor:
+            raise ConfigError(f"trust.binding_tolerance: must be >= {floor:g} with swarm.compression "
+                              f"{self.swarm.compression}, whose parts differ from the committed gradient by up to "
+                              f"~0.7 of its norm (got {self.trust.binding_tolerance:g})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,6 +10,11 @@ Coordinate i of the flattened gradient (the trainable parameters in order, each 
 bucket h(i) with sign s(i). h and s come from a generator seeded per chunk of CHUNK coordinates by
 sha256(DOMAIN, seed, chunk), so a slice anywhere is sketched without generating what precedes it,
 and memory stays bounded for large models.
+
+Generating a chunk's hashes costs more than sketching it, and a round sketches the same coordinates
+many times under one seed (a trainer once per audit unit, a reducer once per sender), so the hashes
+of recent seeds are kept up to HASH_CACHE_BYTES. They are stored as one signed bucket per coordinate
+(h(i), or h(i) + dim where s(i) = -1): the sketch is then a single index_add without multiplications.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import threading
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -24,6 +31,7 @@ import torch
 DOMAIN = b"grpo-swarm/sketch/v1"
 SKETCH_DIM = 256
 CHUNK = 1 << 20
+HASH_CACHE_BYTES = 256 << 20  # 64 chunks (64M coordinates) of signed buckets
 
 
 def sketch_seed(run_seed: int, round_: int) -> int:
@@ -40,19 +48,57 @@ def _chunk_hashes(seed: int, chunk: int, dim: int) -> tuple[torch.Tensor, torch.
     return buckets, signs
 
 
+class _SignedBucketCache:
+    """Signed buckets of recently used (seed, chunk, dim), at most ``capacity`` bytes.
+
+    A seed's chunks are never evicted for other chunks of the same seed: a model larger than the
+    cache then keeps hitting on its first chunks instead of thrashing a least-recently-used order.
+    Older seeds are dropped whole when a newer seed needs the room.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.size = capacity, 0
+        self._seeds: OrderedDict[int, dict[tuple[int, int], torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, seed: int, chunk: int, dim: int) -> torch.Tensor:
+        with self._lock:
+            found = self._seeds.get(seed, {}).get((chunk, dim))
+            if found is not None:
+                self._seeds.move_to_end(seed)
+                return found
+        buckets, signs = _chunk_hashes(seed, chunk, dim)
+        signed = (buckets + dim * (signs < 0)).to(torch.int32)
+        with self._lock:
+            self._insert(seed, (chunk, dim), signed)
+        return signed
+
+    def _insert(self, seed: int, key: tuple[int, int], signed: torch.Tensor) -> None:
+        nbytes = signed.numel() * signed.element_size()
+        while self.size + nbytes > self.capacity and any(s != seed for s in self._seeds):
+            oldest = next(s for s in self._seeds if s != seed)
+            self.size -= sum(t.numel() * t.element_size() for t in self._seeds.pop(oldest).values())
+        if self.size + nbytes <= self.capacity and key not in self._seeds.get(seed, {}):
+            self._seeds.setdefault(seed, {})[key] = signed
+            self._seeds.move_to_end(seed)
+            self.size += nbytes
+
+
+_signed_buckets = _SignedBucketCache(HASH_CACHE_BYTES)
+
+
 def sketch_flat(values: torch.Tensor, offset: int, seed: int, dim: int = SKETCH_DIM) -> torch.Tensor:
     """Sketch (float64, [dim]) of the flat slice ``values`` that starts at coordinate ``offset``."""
     values = values.detach().reshape(-1).to("cpu", torch.float64)
-    out = torch.zeros(dim, dtype=torch.float64)
+    signed = torch.zeros(2 * dim, dtype=torch.float64)
     position, end = offset, offset + values.numel()
     while position < end:
         chunk, start = divmod(position, CHUNK)
         stop = min(CHUNK, start + end - position)
-        buckets, signs = _chunk_hashes(seed, chunk, dim)
         piece = values[position - offset: position - offset + stop - start]
-        out.index_add_(0, buckets[start:stop], piece * signs[start:stop])
+        signed.index_add_(0, _signed_buckets.get(seed, chunk, dim)[start:stop], piece)
         position += stop - start
-    return out
+    return signed[:dim] - signed[dim:]
 
 
 def sketch_tensors(tensors: Sequence[torch.Tensor], seed: int, dim: int = SKETCH_DIM) -> torch.Tensor:
