@@ -1,10 +1,11 @@
-"""``grpo-swarm simulate --peers N``: a whole swarm on this machine, on 127.0.0.1.
+"""``grpo-swarm simulate --peers N``: a whole admitted swarm on this machine, on 127.0.0.1.
 
-It warm-starts θ_0 once (every node then loads the cached model), runs a bootstrap
-DHT that publishes the run, starts N ``grpo-swarm node`` processes that learn the
-run from it, and shows a live table of their rounds. Each node runs in its own
-process group with one torch thread (N peers share the machine's cores); on Ctrl-C
-or when every node is done, each group is stopped by its pid, SIGTERM first.
+It warm-starts θ_0 once (every node then loads the cached model), starts a
+``grpo-swarm coordinator`` process (bootstrap DHT, admission, ledger, dashboard), N
+``grpo-swarm node`` processes and a ``grpo-swarm verifier`` that register with it,
+and shows a live table of their rounds. Each process runs in its own process group
+with one torch thread (the peers share the machine's cores); on Ctrl-C or when every
+node is done, each group is stopped by its pid, SIGTERM first.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +26,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from node.announce import publish_run
+from coordinator.server import READY_FILE
 from node.progress import loss_progress
 from node.runlog import RunLog, plot_run
-from node.swarm.dht import start_dht
 from node.warm_start import warm_started_policy
 from protocol.config import RunConfig
-from protocol.identity import SigningKey
 from protocol.tasks import load_task
 
 STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL
+COORDINATOR_STARTUP = 120.0
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 @dataclass
@@ -46,13 +48,14 @@ class NodeProcess:
         return RunLog(self.out_dir / "metrics.jsonl").records()
 
 
-def start_node(name: str, initial_peer: str, out_dir: Path) -> NodeProcess:
+def start_process(name: str, command: list[str], out_dir: Path, log_name: str = "node.log") -> NodeProcess:
+    """``command`` (python arguments: the grpo-swarm CLI or a script) in its own process group, one torch
+    thread, its output in ``out_dir/log_name``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "node.cli", "node", "--initial-peers", initial_peer,
-               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--out", str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(out_dir / "node.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log = open(out_dir / log_name, "w")
+    process = subprocess.Popen([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
     return NodeProcess(name, process, out_dir)
 
 
@@ -112,31 +115,91 @@ def status_table(nodes: list[NodeProcess], rounds: int) -> Table:
     return table
 
 
-class LocalSwarm:
-    """A bootstrap DHT that publishes the run, and node processes that join it; all stopped on exit."""
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings and numbers read the same in TOML
 
-    def __init__(self, config: RunConfig, out_dir: Path):
-        self.config, self.out_dir = config, out_dir
+
+def write_toml(config: RunConfig, path: Path) -> Path:
+    lines = []
+    for section, values in config.to_dict().items():
+        # TOML has no null: an unset value (None) is left out, which reads back as unset
+        lines += [f"[{section}]", *(f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None),
+                  ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+class LocalSwarm:
+    """A coordinator process and node/verifier processes that register with it; all stopped on exit."""
+
+    def __init__(self, config: RunConfig, out_dir: Path, coordinator_args: tuple[str, ...] = ()):
+        self.config, self.out_dir, self.coordinator_args = config, out_dir, coordinator_args
         self.nodes: list[NodeProcess] = []
+        self.verifiers: list[NodeProcess] = []
+        self.coordinator: NodeProcess | None = None
+        self.grpc_port, self.http_port, self.dht_maddr = 0, 0, LOOPBACK  # any free ones at first start
 
     def __enter__(self) -> "LocalSwarm":
-        mp.set_start_method("fork", force=True)
-        self.dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        publish_run(self.dht, self.config, SigningKey())
-        self.bootstrap = str(self.dht.get_visible_maddrs()[0])
+        try:
+            self.start_coordinator()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def add_node(self) -> NodeProcess:
-        name = f"peer-{len(self.nodes)}"
-        self.nodes.append(start_node(name, self.bootstrap, self.out_dir / name))
+    def start_coordinator(self) -> dict:
+        """Start (or restart, on the same folder) the coordinator; returns what it wrote once ready."""
+        folder = self.out_dir / "coordinator"
+        ready_file = folder / READY_FILE
+        ready_file.unlink(missing_ok=True)
+        config_file = write_toml(self.config, self.out_dir / "run.toml")
+        self.coordinator = start_process("coordinator", [
+            "-m", "node.cli", "coordinator", "--config", str(config_file), "--out", str(folder), "--bind", "127.0.0.1",
+            "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--host-maddrs", self.dht_maddr, *self.coordinator_args], folder, "coordinator.log")
+        deadline = time.monotonic() + COORDINATOR_STARTUP
+        while not ready_file.exists():
+            if self.coordinator.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the coordinator did not start; see {folder / 'coordinator.log'}")
+            time.sleep(0.2)
+        self.ready = json.loads(ready_file.read_text())
+        # a restart reuses the ports and DHT address, so peers find it where it was
+        self.grpc_port, self.http_port = self.ready["grpc_port"], urllib.parse.urlparse(self.ready["dashboard"]).port
+        self.dht_maddr = self.ready["initial_peers"][0].split("/p2p/")[0]
+        return self.ready
+
+    @property
+    def address(self) -> str:
+        return self.ready["grpc"]
+
+    def _peer_command(self, role: str, folder: Path, entry: list[str] | None) -> list[str]:
+        entry = entry or ["-m", "node.cli", role]
+        return [*entry, "--coordinator", self.address, "--host-maddrs", LOOPBACK, "--out", str(folder),
+                "--key", str(folder / "key.pem")]
+
+    def add_node(self, name: str | None = None, entry: list[str] | None = None) -> NodeProcess:
+        """A trainer that registers with the coordinator; ``entry`` replaces ``-m node.cli node`` (a script
+        that takes the node's arguments)."""
+        name = name or f"peer-{len(self.nodes)}"
+        folder = self.out_dir / name
+        self.nodes.append(start_process(name, self._peer_command("node", folder, entry), folder))
         return self.nodes[-1]
+
+    def add_verifier(self) -> NodeProcess:
+        folder = self.out_dir / f"verifier-{len(self.verifiers)}"
+        self.verifiers.append(start_process(folder.name, self._peer_command("verifier", folder, None), folder))
+        return self.verifiers[-1]
 
     def running(self) -> bool:
         return any(n.process.poll() is None for n in self.nodes)
 
     def __exit__(self, *exc) -> None:
-        stop_nodes(self.nodes)
-        self.dht.shutdown()
+        stop_nodes(self.nodes + self.verifiers + ([self.coordinator] if self.coordinator else []))
 
 
 def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | None = None,
@@ -149,9 +212,10 @@ def simulate(config: RunConfig, peers: int, out_dir: Path, console: Console | No
         warm_started_policy(config, task, on_step=on_step)
 
     with LocalSwarm(config, out_dir) as swarm:
-        console.print(f"bootstrap peer {swarm.bootstrap}", soft_wrap=True)
+        console.print(f"coordinator {swarm.address}, dashboard {swarm.ready['dashboard']}", soft_wrap=True)
         for _ in range(peers):
             swarm.add_node()
+        swarm.add_verifier()
         deadline = time.monotonic() + timeout if timeout else float("inf")
         with Live(status_table(swarm.nodes, config.run.rounds), console=console, refresh_per_second=2) as live:
             try:

@@ -1,9 +1,10 @@
 """``grpo-swarm node`` in a swarm: join the DHT, learn the run, train in rounds until done.
 
-Run discovery: whoever starts a swarm publishes the run config under ``RUNS_KEY``
-(subkey = run id) and every live peer refreshes it; a node that knows only an
-initial peer's address reads it from there. A node that brings its own config must
-match the published one (by config digest), so every peer trains the same run.
+Two kinds of swarm. An open swarm has no coordinator: the first peer announces the run (node/announce.py)
+and anyone may join. An admitted run has a coordinator: a node registers with it first (``--coordinator
+HOST:PORT``), gets an access token, and only then joins a DHT that refuses peers without one; the run's
+announcement must be signed by that same coordinator. Either way a node that brings its own config must
+match the announced one (config digest), so every peer trains the same run.
 """
 
 from __future__ import annotations
@@ -11,61 +12,93 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import hivemind
-from hivemind.utils.timed_storage import get_dht_time
 from rich.console import Console
 
+from node.announce import check_same_run, discover_run, publish_run
+from node.membership import Membership
 from node.progress import progress_bar
 from node.runlog import RunLog, plot_run
 from node.solo import evaluate_and_log
+from node.swarm.admission import Admission, dht_auth_kwargs
 from node.swarm.dht import start_dht
 from protocol.config import ConfigError, RunConfig
+from protocol.identity import P2PIdentity, SigningKey
 
-RUNS_KEY = "grpo-swarm.runs"
-RUN_RECORD_LIFETIME = 3600.0
+
+CHECKPOINT_GRACE = 15.0  # seconds a finished peer of an admitted run serves its state for the final checkpoint
 
 
 class SwarmStalled(RuntimeError):
     """The peer could not complete a round for too long (no group, or the swarm moved on without it)."""
 
 
-def publish_run(dht: hivemind.DHT, config: RunConfig) -> None:
-    dht.store(RUNS_KEY, config.to_dict(), get_dht_time() + RUN_RECORD_LIFETIME, subkey=config.run.id)
+@dataclass
+class Session:
+    """What a node holds while it is in a swarm: the DHT, the run, its signing key and, in an admitted
+    run, its membership (token, heartbeats) and the view of who else is admitted."""
+
+    dht: hivemind.DHT
+    config: RunConfig
+    key: SigningKey
+    membership: Optional[Membership] = None
+    admission: Optional[Admission] = None
+    announce: bool = field(default=False)  # an open swarm's peers keep the run announced
+
+    def close(self) -> None:
+        if self.membership is not None:
+            self.membership.stop()
+        self.dht.shutdown()
 
 
-def published_runs(dht: hivemind.DHT) -> dict[str, dict]:
-    found = dht.get(RUNS_KEY, latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    return {name: entry.value for name, entry in found.value.items()}
+def open_session(args, config: RunConfig | None, role: str, console: Console) -> Session:
+    """Join the swarm as ``role``: register first when ``args.coordinator`` is set, then learn the run."""
+    key = SigningKey.load_or_create(args.key) if args.key else SigningKey()
+    if not args.coordinator:
+        dht = join_swarm(args, args.initial_peers, args.identity)
+        try:
+            if config is None:
+                announcement = discover_run(dht, args.run_id)
+                if announcement.coordinator_public_key:
+                    raise ConfigError(f"run {announcement.config.run.id!r} admits peers through its coordinator: "
+                                      f"join with --coordinator {announcement.coordinator_address or 'HOST:PORT'}")
+                config = announcement.config
+            else:
+                check_same_run(dht, config)
+                publish_run(dht, config, key)
+        except BaseException:
+            dht.shutdown()
+            raise
+        return Session(dht, config, key, announce=True)
 
-
-def check_same_run(dht: hivemind.DHT, config: RunConfig) -> None:
-    """A peer that brings its own config must bring the swarm's: a different one would train another model."""
-    published = published_runs(dht).get(config.run.id)
-    if published is not None and RunConfig.from_dict(published).digest() != config.digest():
-        raise ConfigError(f"run {config.run.id!r}: this config differs from the one the swarm trains "
-                          "(join without --config/--set to use the swarm's)")
-
-
-def discover_run(dht: hivemind.DHT, run_id: str | None, timeout: float = 30.0) -> RunConfig:
-    """The run config published in the swarm: the one named ``run_id``, or the only one there is."""
-    deadline = time.monotonic() + timeout
-    runs: dict = {}
-    while time.monotonic() < deadline and not runs:
-        runs = published_runs(dht)
-        if not runs:
-            time.sleep(1.0)
-    if not runs:
-        raise ConfigError(f"no run is published in this swarm (waited {timeout:.0f}s); pass --config to start one")
-    if run_id is None and len(runs) > 1:
-        raise ConfigError(f"the swarm has several runs ({', '.join(sorted(runs))}): choose one with --run-id")
-    name = run_id or next(iter(runs))
-    if name not in runs:
-        raise ConfigError(f"run {name!r} is not published in this swarm (found: {', '.join(sorted(runs))})")
-    return RunConfig.from_dict(runs[name])
+    identity_path = args.identity or str(Path(args.out) / "p2p.id")
+    identity = P2PIdentity.load_or_create(identity_path)
+    membership = Membership.register(args.coordinator, key, identity, role)
+    initial_peers = args.initial_peers or membership.initial_peers
+    if not initial_peers:
+        membership.stop()
+        raise ConfigError(f"the coordinator at {args.coordinator} lists no DHT addresses: pass --initial-peers")
+    dht = join_swarm(args, initial_peers, identity_path, **dht_auth_kwargs(
+        identity, membership.coordinator_public_key, membership.run_id, membership.token))
+    try:
+        membership.start(dht)
+        announcement = discover_run(dht, membership.run_id)
+        if announcement.coordinator_public_key != membership.coordinator_public_key:
+            raise ConfigError(f"run {membership.run_id!r} is announced by another coordinator than {args.coordinator}")
+        if config is not None and config.digest() != announcement.config.digest():
+            raise ConfigError(f"run {config.run.id!r}: this config differs from the one the coordinator announces "
+                              "(join without --config/--set to use the run's)")
+    except BaseException:
+        membership.stop()
+        dht.shutdown()
+        raise
+    console.print(f"registered with the coordinator at {args.coordinator} as a {role}")
+    return Session(dht, announcement.config, key, membership,
+                   Admission(membership.run_id, membership.coordinator_public_key))
 
 
 def check_multiaddrs(option: str, addresses) -> None:
@@ -78,14 +111,16 @@ def check_multiaddrs(option: str, addresses) -> None:
             raise ConfigError(f"{option}: {address!r} is not a valid multiaddr ({e})") from None
 
 
-def join_swarm(args) -> hivemind.DHT:
-    for option in ("initial_peers", "host_maddrs", "announce_maddrs"):
-        check_multiaddrs("--" + option.replace("_", "-"), getattr(args, option))
+def join_swarm(args, initial_peers, identity_path, **dht_kwargs) -> hivemind.DHT:
+    for option, addresses in (("--initial-peers", initial_peers), ("--host-maddrs", args.host_maddrs),
+                              ("--announce-maddrs", args.announce_maddrs)):
+        check_multiaddrs(option, addresses)
     mp.set_start_method("fork", force=True)  # hivemind passes pipes that only survive fork
     return start_dht(
-        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
-        identity_path=args.identity, client_mode=args.client_mode, use_relay=not args.no_relay,
+        initial_peers=initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+        identity_path=identity_path, client_mode=args.client_mode, use_relay=not args.no_relay,
         use_auto_relay=args.use_auto_relay, startup_timeout=args.startup_timeout, retries=args.join_retries,
+        **dht_kwargs,
     )
 
 
@@ -94,35 +129,56 @@ def run_swarm_node(args, config: RunConfig | None, console: Console | None = Non
     from node.peer import SwarmPeer
 
     console = console or Console()
-    dht = join_swarm(args)
-    peer = None
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    session = open_session(args, config, "trainer", console)
+    peer = None
     try:
-        if config is None:
-            config = discover_run(dht, args.run_id)
-        else:
-            check_same_run(dht, config)
-            publish_run(dht, config)
+        config, dht = session.config, session.dht
         addresses = " ".join(str(a) for a in dht.get_visible_maddrs())
         console.print(f"peer {dht.peer_id} in run {config.run.id!r} (config {config.digest()[:12]})")
-        if not args.initial_peers:
+        if not args.initial_peers and session.membership is None:
             console.print(f"join with: grpo-swarm node --initial-peers {addresses}", soft_wrap=True)
-        peer = SwarmPeer(config, dht)
-        if args.initial_peers:
+        peer = SwarmPeer(session)
+        # Only now: a handler installed before hivemind forks its DHT and averager would be theirs too,
+        # and hivemind's terminate() could no longer stop them.
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        if args.checkpoint:
+            peer.load_checkpoint(args.checkpoint)
+        if args.initial_peers or session.membership is not None:
             peer.sync_from_peers()
-        train_in_swarm(peer, config, Path(args.out), console, stop)
+        train_in_swarm(peer, session, Path(args.out), console, stop)
     finally:
         if peer is not None:
             peer.shutdown()
-        dht.shutdown()
+        session.close()
 
 
-def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, stop: dict) -> None:
+def run_verifier_node(args, console: Console | None = None) -> None:
+    """Audit the run's contributions until its last round; SIGTERM and Ctrl-C stop it cleanly."""
+    from node.verifier import Verifier
+
+    console = console or Console()
+    stop = {"now": False}
+    session = open_session(args, None, "verifier", console)
+    verifier = None
+    try:
+        console.print(f"verifier {session.dht.peer_id} auditing run {session.config.run.id!r}")
+        verifier = Verifier(session, Path(args.out), seed=args.seed)
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # after hivemind's forks (see above)
+        verifier.run(stop, round_timeout=verifier.peer.averager.max_seconds + 30)
+    finally:
+        if verifier is not None:
+            verifier.shutdown()
+        session.close()
+
+
+def train_in_swarm(peer, session: Session, out_dir: Path, console: Console, stop: dict) -> None:
+    config = session.config
     log = RunLog(out_dir / "metrics.jsonl")
 
     def run_eval() -> None:
-        evaluate_and_log(peer.policy, peer.task, config, log, peer.round)
+        accuracy = evaluate_and_log(peer.policy, peer.task, config, log, peer.round)
+        peer.report(max(peer.round - 1, 0), {"accuracy": accuracy})  # the model after that round's step
 
     run_eval()  # where this peer starts: θ_0, or the state it loaded from the swarm
     failures = 0
@@ -131,7 +187,9 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
         while peer.round < config.run.rounds and not stop["now"]:
             report = peer.run_round()
             sync = peer.check_in_step()
-            publish_run(peer.dht, config)  # any live peer keeps the run discoverable
+            if session.announce:
+                publish_run(peer.dht, config, session.key)  # any live peer keeps an open swarm's run discoverable
+            peer.report(report.round, {**report.metrics, "stepped": report.stepped})
             log.write("train", report.round, stepped=report.stepped, reason=report.reason, sync=sync,
                       peer=peer.peer_id, **report.metrics)
             failures = 0 if report.stepped else failures + 1
@@ -147,7 +205,11 @@ def train_in_swarm(peer, config: RunConfig, out_dir: Path, console: Console, sto
                           f"all-reduce {report.metrics['allreduce_seconds']:.2f}s")
             progress.update(bar, completed=peer.round, status=status)
         linger_until = time.monotonic() + config.swarm.linger
-        while not stop["now"] and time.monotonic() < linger_until and peer.peers_behind():
+        # In an admitted run also give the coordinator time to take the final checkpoint from us.
+        serve_coordinator_until = time.monotonic() + (min(config.swarm.linger, CHECKPOINT_GRACE)
+                                                      if session.membership is not None else 0)
+        while not stop["now"] and time.monotonic() < linger_until and (
+                peer.peers_behind() or time.monotonic() < serve_coordinator_until):
             progress.update(bar, status="done; serving the final state to peers still behind")
             time.sleep(1.0)
     plot_run(log, out_dir / "plot.png", title=f"{config.run.id}: peer {peer.peer_id[-8:]}")

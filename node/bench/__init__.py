@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from node.bench import grpo
-from node.swarm import bench_allreduce
+from node.bench import grpo, verifier
+from node.swarm import bench_allreduce, bench_trust
 
-BENCHES = {"grpo": grpo.run, "allreduce": bench_allreduce.run_from_args}
+BENCHES = {"grpo": grpo.run, "allreduce": bench_allreduce.run_from_args, "verifier": verifier.run,
+           "trust": bench_trust.run_from_args}
 
 
 def run_bench(args):

@@ -1,0 +1,161 @@
+"""Attacks on a real admitted swarm: a coordinator, 3 honest nodes and a verifier (separate processes on
+127.0.0.1), joined by one attacking node at a time (tests/swarm/attacker.py).
+
+For each attack: the verifier fails the attacker within 2 rounds of the first round it took part in,
+the coordinator bans it, and the all-reduce goes on without it. Across all of them no honest peer is
+ever flagged, and the swarm's reward stays close to a clean run of the same length.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.simulate import LocalSwarm, stop_nodes
+from node.coordinator_client import coordinator_status
+from node.runlog import RunLog
+from node.warm_start import warm_started_policy
+from protocol.config import load_config
+from protocol.identity import P2PIdentity
+from protocol.tasks import load_task
+from tests.browser import dump_dom, parse_dom, screenshot
+from tests.conftest import CLEAN_ROUNDS, SWARM_TEST_SETTINGS
+from tests.swarm.attacker import ATTACKS
+
+ATTACKER = str(Path(__file__).with_name("swarm") / "attacker.py")
+HONEST = 3
+JOIN_TIMEOUT = 150.0  # an attacker must take part in a round by then (start-up under load included)
+BAN_TIMEOUT = 90.0
+CONFIG = load_config(overrides=[*SWARM_TEST_SETTINGS, "run.rounds=1000", "swarm.max_failed_rounds=1000"])
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"no {what} within {timeout:.0f}s")
+
+
+def train_records(node) -> list[dict]:
+    return [r for r in node.records() if r["kind"] == "train"]
+
+
+def verdicts(swarm) -> list[dict]:
+    return RunLog(swarm.verifiers[0].out_dir / "verdicts.jsonl").records()
+
+
+def peer_info(swarm, peer_id: str):
+    return next((p for p in coordinator_status(swarm.address).peers if p.peer_id == peer_id), None)
+
+
+def start_honest_swarm(out: Path) -> LocalSwarm:
+    warm_started_policy(CONFIG, load_task(CONFIG.task.name, CONFIG.task.options))
+    swarm = LocalSwarm(CONFIG, out).__enter__()
+    try:
+        honest = [swarm.add_node() for _ in range(HONEST)]
+        swarm.add_verifier()
+        wait_for(lambda: all(len(train_records(n)) >= 2 for n in honest), JOIN_TIMEOUT, "honest rounds")
+    except BaseException:
+        swarm.__exit__()
+        raise
+    return swarm
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    """Run every attack in turn on one swarm; returns (swarm, {attack: outcome}) with the swarm stopped."""
+    swarm = start_honest_swarm(tmp_path_factory.mktemp("attacked"))
+    outcomes = {}
+    try:
+        for name in ATTACKS:
+            outcomes[name] = run_attack(swarm, name)
+        outcomes["honest_rounds"] = [train_records(n) for n in swarm.nodes[:HONEST]]
+        outcomes["verdicts"] = verdicts(swarm)
+        status = coordinator_status(swarm.address)
+        outcomes["ledger"] = {p.peer_id: p for p in status.peers}
+        outcomes["ledger_rounds"] = [r.round for r in status.rounds]
+        outcomes["dashboard"] = dump_dom(swarm.ready["dashboard"])
+        outcomes["screenshot"] = screenshot(swarm.ready["dashboard"], swarm.out_dir / "dashboard.png")
+    finally:
+        swarm.__exit__()
+    return swarm, outcomes
+
+
+def run_attack(swarm: LocalSwarm, name: str) -> dict:
+    folder = swarm.out_dir / f"attacker-{name}"
+    folder.mkdir()
+    peer_id = P2PIdentity.load_or_create(folder / "p2p.id").peer_id
+    attacker = swarm.add_node(folder.name, entry=[ATTACKER, name])
+    try:
+        in_group = wait_for(lambda: [r["round"] for r in train_records(attacker) if r.get("group_size", 0) > 1],
+                            JOIN_TIMEOUT, f"round with {name} in a group")
+        failed = wait_for(lambda: [v for v in verdicts(swarm) if v["peer"] == peer_id and not v["passed"]],
+                          BAN_TIMEOUT, f"failed verdict on {name}")
+        wait_for(lambda: getattr(peer_info(swarm, peer_id), "banned", False), BAN_TIMEOUT, f"ban of {name}")
+        banned_at = max(len(train_records(n)) for n in swarm.nodes[:HONEST])
+        # the next all-reduces are the honest peers' alone
+        wait_for(lambda: all(len(train_records(n)) >= banned_at + 2 for n in swarm.nodes[:HONEST]), JOIN_TIMEOUT,
+                 "honest rounds after the ban")
+        after = [r for n in swarm.nodes[:HONEST] for r in train_records(n)[banned_at + 1:] if r.get("stepped")]
+        return {"peer_id": peer_id, "first_round": in_group[0], "failed": failed[0],
+                "groups_after_ban": sorted({r["group_size"] for r in after})}
+    finally:
+        stop_nodes([attacker])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_each_attack_is_caught_within_two_rounds_and_the_attacker_banned(attacked, name):
+    _, outcomes = attacked
+    outcome = outcomes[name]
+    print(f"{name}: took part from round {outcome['first_round']}, failed {outcome['failed']['check']} in round "
+          f"{outcome['failed']['round']}: {outcome['failed']['evidence']}")
+    assert outcome["failed"]["round"] <= outcome["first_round"] + 1
+    assert outcomes["ledger"][outcome["peer_id"]].banned
+    assert outcome["groups_after_ban"] == [HONEST]
+
+
+@pytest.mark.slow
+def test_honest_peers_are_never_flagged_and_the_reward_stays_close_to_a_clean_run(attacked, clean_swarm):
+    swarm, outcomes = attacked
+    attackers = {outcomes[name]["peer_id"] for name in ATTACKS}
+    honest_failures = [v for v in outcomes["verdicts"] if v["peer"] not in attackers and not v["passed"]]
+    assert honest_failures == []
+    audited = [v for v in outcomes["verdicts"] if v["peer"] not in attackers]
+    assert len(audited) >= 50
+    for peer in swarm.nodes[:HONEST]:
+        assert not outcomes["ledger"][P2PIdentity.load_or_create(peer.out_dir / "p2p.id").peer_id].banned
+
+    def mean_reward(runs):  # over the first CLEAN_ROUNDS rounds the peers stepped
+        rewards = {}
+        for records in runs:
+            for r in records:
+                if r.get("stepped") and r["round"] < CLEAN_ROUNDS:
+                    rewards.setdefault(r["round"], []).append(r["reward"])
+        return statistics.fmean(statistics.fmean(values) for values in rewards.values())
+
+    clean_nodes, _ = clean_swarm
+    attacked_reward = mean_reward(outcomes["honest_rounds"])
+    clean_reward = mean_reward([train_records(n) for n in clean_nodes])
+    print(f"mean reward of honest peers over rounds 0-{CLEAN_ROUNDS - 1}: attacked run {attacked_reward:.3f}, "
+          f"clean run {clean_reward:.3f}; {len(audited)} honest contributions audited")
+    assert abs(attacked_reward - clean_reward) < 0.05
+
+
+@pytest.mark.slow
+def test_the_dashboard_of_the_live_run_shows_its_rounds_and_its_bans(attacked):
+    _, outcomes = attacked
+    dom = parse_dom(outcomes["dashboard"])
+    ran = {r["round"] for records in outcomes["honest_rounds"] for r in records if r.get("stepped")}
+    reward = dom.find("svg", id="reward-curve")
+    drawn = {int(c.attrs["data-round"]) for c in reward.find_all("circle")}
+    assert drawn == set(outcomes["ledger_rounds"]) and drawn >= ran - {max(ran)}  # the last may be in flight
+    banned_rows = dom.find("table", id="peers").find_all("tr", data_state="banned")
+    assert len(banned_rows) == len(ATTACKS)
+    assert outcomes["screenshot"].stat().st_size > 10_000
