@@ -159,7 +159,7 @@ class TrustSection:
     logprob_mean_abs: float | None = _spec(None, POSITIVE_OR_UNSET)  # mean of the same over the audited tokens
     sketch_min_cosine: float | None = _spec(None, (lambda v: v is None or -1 < v <= 1, "must be in (-1, 1] (or unset)"))
     sketch_norm_tolerance: float | None = _spec(None, POSITIVE_OR_UNSET)  # |committed / recomputed unit norm - 1|
-    # a unit deviating by less than this x the audited units' RMS norm is rounding noise, whatever its angle
+    # a unit deviating by at most this x the committed units' RMS norm is rounding noise, whatever its angle
     sketch_noise_floor: float | None = _spec(None, POSITIVE_OR_UNSET)
     surprisal_max_z: float = _spec(6.0, POSITIVE)  # tokens less likely than sampling makes them, in std errors
     grad_norm_factor: float = _spec(2.0, (lambda v: v > 1, "must be > 1"))  # committed grad_norm vs sketch norm

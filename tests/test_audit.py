@@ -181,7 +181,7 @@ def test_a_unit_within_the_noise_floor_passes_whatever_its_angle(bench, honest):
         body, bundle = make_contribution(bench.config, ROUND, PEER, honest.batch, gradient, bench.digest)
         found = report(bench, body, bundle)
         assert found.passed == passes, found.evidence
-        assert found.stats["sketch_deviation"] == pytest.approx(size, rel=0.05)
+        assert found.stats["sketch_deviation"] == pytest.approx(size, rel=0.1)  # of the committed units' RMS
 
 
 def test_kl_reference_is_recomputed_for_the_audited_rows():
