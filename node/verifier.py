@@ -31,7 +31,7 @@ from typing import Optional
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.audit import audit
+from node.audit import AuditFailure, audit
 from node.peer import SwarmPeer
 from node.runlog import RunLog
 from node.swarm.binding import MISMATCH, WEIGHT, check_binding
@@ -44,12 +44,6 @@ logger = logging.getLogger(__name__)
 VERDICT_LIFETIME = 3600.0
 FETCH_TIMEOUT = 20.0
 POLL_INTERVAL = 0.5
-
-
-class AuditFailure(Exception):
-    def __init__(self, check: str, evidence: str):
-        super().__init__(f"{check}: {evidence}")
-        self.check, self.evidence = check, evidence
 
 
 class Verifier:
