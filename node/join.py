@@ -145,7 +145,7 @@ def run_swarm_node(args, config: RunConfig | None, console: Console | None = Non
         if args.checkpoint:
             peer.load_checkpoint(args.checkpoint)
         if args.initial_peers or session.membership is not None:
-            peer.sync_from_peers()
+            peer.catch_up()
         train_in_swarm(peer, session, Path(args.out), console, stop)
     finally:
         if peer is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,18 @@ class SwarmPeer:
             return False
         logger.info(f"{self.peer_id}: loaded state of round {self.round} from peers")
         return True
+
+    def catch_up(self, attempts: int = 6, wait: float = 2.0) -> bool:
+        """A joiner's first sync. Peers admit a newcomer's state download only once they have read its
+        token (each round), so a refusal right after joining is retried a few times while peers are ahead."""
+        for attempt in range(attempts):
+            if self.sync_from_peers():
+                return True
+            others = self.others_progress()
+            if not others or max(p["round"] for p in others.values()) <= self.round:
+                return False  # nobody is ahead of θ_0: nothing to catch up with
+            time.sleep(wait)
+        return False
 
     # ---- rounds --------------------------------------------------------------------------------
     def run_round(self) -> RoundReport:

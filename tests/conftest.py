@@ -21,9 +21,9 @@ def swarm_home(tmp_path_factory):
     return home
 
 
-CLEAN_PEERS, CLEAN_ROUNDS = 3, 40
+CLEAN_PEERS, CLEAN_ROUNDS = 3, 30
 # The settings every swarm scenario runs with (the adversarial tests add attackers to the same swarm).
-SWARM_TEST_SETTINGS = ["eval.every=20", "swarm.matchmaking_time=2", "swarm.linger=0"]
+SWARM_TEST_SETTINGS = ["eval.every=15", "swarm.matchmaking_time=2", "swarm.linger=0"]
 
 
 @pytest.fixture(scope="session")
