@@ -34,7 +34,7 @@ from protocol.config import RunConfig
 from protocol.tasks import load_task
 
 STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL
-COORDINATOR_STARTUP = 120.0
+COORDINATOR_STARTUP = 300.0  # it loads the model (warm start cached by then) on a loaded machine
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
