@@ -103,12 +103,14 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
                           BAN_TIMEOUT, f"failed verdict on {name}")
         wait_for(lambda: getattr(peer_info(swarm, peer_id), "banned", False), BAN_TIMEOUT, f"ban of {name}")
         banned_at = max(len(train_records(n)) for n in swarm.nodes[:HONEST])
+        attacker_steps_at_ban = stepped_rounds(attacker)
         # the next all-reduces are the honest peers' alone
         wait_for(lambda: all(len(train_records(n)) >= banned_at + 2 for n in swarm.nodes[:HONEST]), JOIN_TIMEOUT,
                  "honest rounds after the ban")
         after = [r for n in swarm.nodes[:HONEST] for r in train_records(n)[banned_at + 1:] if r.get("stepped")]
         return {"peer_id": peer_id, "first_round": in_group[0], "failed": failed[0],
-                "groups_after_ban": sorted({r["group_size"] for r in after})}
+                "groups_after_ban": sorted({r["group_size"] for r in after}),
+                "attacker_steps_after_ban": stepped_rounds(attacker) - attacker_steps_at_ban}
     finally:
         stop_nodes([attacker])
 
@@ -144,7 +146,10 @@ def test_each_attack_is_caught_within_two_rounds_and_the_attacker_banned(attacke
           f"{outcome['failed']['round']}: {outcome['failed']['evidence']}")
     assert outcome["failed"]["round"] <= outcome["first_round"] + 1
     assert outcomes["ledger"][outcome["peer_id"]].banned
-    assert outcome["groups_after_ban"] == [HONEST]
+    # out of the next all-reduces: no group is larger than the honest peers (two may form under load),
+    # and the attacker steps no more (one round may have been in flight when the ban landed)
+    assert max(outcome["groups_after_ban"]) <= HONEST
+    assert outcome["attacker_steps_after_ban"] <= 1
 
 
 @pytest.mark.slow
