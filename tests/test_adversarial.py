@@ -95,9 +95,13 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
     folder = swarm.out_dir / f"attacker-{name}"
     folder.mkdir()
     peer_id = P2PIdentity.load_or_create(folder / "p2p.id").peer_id
+    swarm_round = min(stepped_rounds(n) for n in swarm.nodes[:HONEST])
     attacker = swarm.add_node(folder.name, entry=[ATTACKER, name])
     try:
-        in_group = wait_for(lambda: [r["round"] for r in train_records(attacker) if r.get("stepped")],
+        # the first round it averaged in with the honest peers (a group at a stale round before it caught up,
+        # or the round its ban cut short, counts only if it formed with them: at their round)
+        in_group = wait_for(lambda: [r["round"] for r in train_records(attacker)
+                                     if r.get("group_size", 0) > 1 and r["round"] >= swarm_round],
                             JOIN_TIMEOUT, f"round {name} took part in")
         failed = wait_for(lambda: [v for v in verdicts(swarm) if v["peer"] == peer_id and not v["passed"]],
                           BAN_TIMEOUT, f"failed verdict on {name}")
