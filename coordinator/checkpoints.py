@@ -21,7 +21,7 @@ import torch
 from node.checkpoint import StateError, latest_checkpoint, load_peer_state, read_checkpoint, save_checkpoint
 from node.digest import model_digest
 from protocol.config import RunConfig
-from protocol.keys import averaging_prefix, progress_key
+from protocol.keys import averaging_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,11 @@ def due_round(last_saved: int, config: RunConfig) -> int:
 
 
 def progress_digests(dht, run_id: str, round_: int) -> set[str]:
-    """Model digests that live peers publish for ``round_`` (node/peer.py publish_progress)."""
-    found = dht.get(progress_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return set()
-    return {entry.value["digest"] for entry in found.value.values()
-            if isinstance(entry.value, dict) and entry.value.get("round") == round_ and "digest" in entry.value}
+    """Model digests that live peers publish for ``round_``."""
+    from node.peer import published_progress
+
+    return {p["digest"] for p in published_progress(dht, run_id).values()
+            if p.get("round") == round_ and "digest" in p}
 
 
 def scratch_model(dht, config: RunConfig):

@@ -169,6 +169,7 @@ def run_coordinator(args, config: RunConfig, console: Optional[Console] = None) 
     verifier_keys = read_public_keys(args.verifier_keys) if args.verifier_keys else None
     key = SigningKey.load(args.key) if args.key else None
     ledger = Ledger(out / "ledger.sqlite", config.run.id, config.digest())
+    token_lifetime = config.trust.token_lifetime if args.token_lifetime is None else args.token_lifetime
     parts: list = []  # stopped in reverse order
     try:
         key = key or SigningKey.load_or_create(out / "coordinator.pem")
@@ -187,7 +188,7 @@ def run_coordinator(args, config: RunConfig, console: Optional[Console] = None) 
         checkpointer = Checkpointer(dht, config, out / "checkpoints", ledger.furthest_round, ledger.admitted_peers)
         parts.append(checkpointer.stop)
 
-        service = CoordinatorService(ledger, key, admin_key=admin_key, token_lifetime=args.token_lifetime,
+        service = CoordinatorService(ledger, key, admin_key=admin_key, token_lifetime=token_lifetime,
                                      renew_grace=args.renew_grace, verifier_keys=verifier_keys, initial_peers=maddrs)
         server, grpc_port = start_grpc(service, args.bind, args.grpc_port)
         parts.append(lambda: server.stop(STOP_GRACE).wait())

@@ -156,17 +156,21 @@ def _swarm_args(parser: argparse.ArgumentParser) -> None:
     swarm.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
                        help="addresses of peers already in the swarm; none: start a new swarm (or ask --coordinator)")
     swarm.add_argument("--run-id", help="which published run to join when the swarm has several")
-    swarm.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
-                       help="addresses to listen on")
-    swarm.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MULTIADDR",
-                       help="addresses other peers should dial (e.g. your public IP)")
-    swarm.add_argument("--identity", help="libp2p identity file: the same peer id across restarts "
-                                          "(with --coordinator, default OUT/p2p.id)")
+    _dht_args(swarm, "libp2p identity file: the same peer id across restarts (with --coordinator, default OUT/p2p.id)")
     swarm.add_argument("--client-mode", action="store_true", help="accept no incoming connections (behind NAT)")
     swarm.add_argument("--no-relay", action="store_true", help="do not use libp2p circuit relays")
     swarm.add_argument("--use-auto-relay", action="store_true", help="look for relays automatically (NAT)")
-    swarm.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for the libp2p daemon to start")
     swarm.add_argument("--join-retries", type=int, default=3, help="tries to reach the initial peers")
+
+
+def _dht_args(group, identity_help: str) -> None:
+    """Where a DHT peer (node, verifier or coordinator) listens, is dialled, and who it is."""
+    group.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
+                       help="DHT addresses to listen on")
+    group.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MULTIADDR",
+                       help="DHT addresses other peers should dial (e.g. your public IP)")
+    group.add_argument("--identity", help=identity_help)
+    group.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for the libp2p daemon to start")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,21 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--http-port", type=int, default=8080, help="dashboard port (0: any free port)")
     coordinator.add_argument("--public-address", metavar="HOST:PORT",
                              help="gRPC address nodes dial (default: the announced or bound host, --grpc-port)")
-    coordinator.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
-                             help="DHT addresses to listen on")
-    coordinator.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MULTIADDR",
-                             help="DHT addresses nodes should dial (e.g. your public IP)")
-    coordinator.add_argument("--identity", help="libp2p identity file (default: OUT/p2p.id)")
+    _dht_args(coordinator, "libp2p identity file (default: OUT/p2p.id)")
     coordinator.add_argument("--key", help="the coordinator's Ed25519 key (default: OUT/coordinator.pem, created)")
     coordinator.add_argument("--admin-key", metavar="PUB", help="public key file (keygen's .pub) allowed to ban and "
                                                                 "unban (default: the coordinator's own key)")
     coordinator.add_argument("--verifier-keys", metavar="FILE", help="public keys (one per line) allowed to register "
                                                                      "as verifiers (default: any key)")
-    coordinator.add_argument("--token-lifetime", type=float, default=600.0, help="seconds an access token is valid")
+    coordinator.add_argument("--token-lifetime", type=float, default=None,
+                             help="seconds an access token is valid (default: the run's trust.token_lifetime)")
     coordinator.add_argument("--renew-grace", type=float, default=600.0,
                              help="seconds after expiry that a token may still be renewed")
-    coordinator.add_argument("--startup-timeout", type=float, default=60.0,
-                             help="seconds for the libp2p daemon to start")
     coordinator.set_defaults(func=cmd_coordinator)
 
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,7 +47,11 @@ class Session:
     key: SigningKey
     membership: Optional[Membership] = None
     admission: Optional[Admission] = None
-    announce: bool = field(default=False)  # an open swarm's peers keep the run announced
+
+    @property
+    def open(self) -> bool:
+        """No coordinator: anyone may join, and every live peer keeps the run announced."""
+        return self.membership is None
 
     def close(self) -> None:
         if self.membership is not None:
@@ -73,7 +77,7 @@ def open_session(args, config: RunConfig | None, role: str, console: Console) ->
         except BaseException:
             dht.shutdown()
             raise
-        return Session(dht, config, key, announce=True)
+        return Session(dht, config, key)
 
     identity_path = args.identity or str(Path(args.out) / "p2p.id")
     identity = P2PIdentity.load_or_create(identity_path)
@@ -136,7 +140,7 @@ def run_swarm_node(args, config: RunConfig | None, console: Console | None = Non
         config, dht = session.config, session.dht
         addresses = " ".join(str(a) for a in dht.get_visible_maddrs())
         console.print(f"peer {dht.peer_id} in run {config.run.id!r} (config {config.digest()[:12]})")
-        if not args.initial_peers and session.membership is None:
+        if not args.initial_peers and session.open:
             console.print(f"join with: grpo-swarm node --initial-peers {addresses}", soft_wrap=True)
         peer = SwarmPeer(session)
         # Only now: a handler installed before hivemind forks its DHT and averager would be theirs too,
@@ -144,7 +148,7 @@ def run_swarm_node(args, config: RunConfig | None, console: Console | None = Non
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         if args.checkpoint:
             peer.load_checkpoint(args.checkpoint)
-        if args.initial_peers or session.membership is not None:
+        if args.initial_peers or not session.open:
             peer.catch_up()
         train_in_swarm(peer, session, Path(args.out), console, stop)
     finally:
@@ -187,7 +191,7 @@ def train_in_swarm(peer, session: Session, out_dir: Path, console: Console, stop
         while peer.round < config.run.rounds and not stop["now"]:
             report = peer.run_round()
             sync = peer.check_in_step()
-            if session.announce:
+            if session.open:
                 publish_run(peer.dht, config, session.key)  # any live peer keeps an open swarm's run discoverable
             peer.report(report.round, {**report.metrics, "stepped": report.stepped})
             log.write("train", report.round, stepped=report.stepped, reason=report.reason, sync=sync,
@@ -207,7 +211,7 @@ def train_in_swarm(peer, session: Session, out_dir: Path, console: Console, stop
         linger_until = time.monotonic() + config.swarm.linger
         # In an admitted run also give the coordinator time to take the final checkpoint from us.
         serve_coordinator_until = time.monotonic() + (min(config.swarm.linger, CHECKPOINT_GRACE)
-                                                      if session.membership is not None else 0)
+                                                      if not session.open else 0)
         while not stop["now"] and time.monotonic() < linger_until and (
                 peer.peers_behind() or time.monotonic() < serve_coordinator_until):
             progress.update(bar, status="done; serving the final state to peers still behind")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import hivemind
 
-from node.coordinator_client import CoordinatorClient, CoordinatorError, coordinator_status
+from node.coordinator_client import RETRIED, CoordinatorClient, CoordinatorError, coordinator_status
 from node.swarm.admission import push_bans, push_token
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity, SigningKey
@@ -28,7 +28,7 @@ class Membership:
     def __init__(self, client: CoordinatorClient, interval: float = 2.0):
         self.client, self.interval = client, interval
         self.banned: frozenset[str] = frozenset()
-        self.refused: Optional[str] = None  # set when the coordinator refuses us (e.g. banned)
+        self._refusal: Optional[str] = None  # the coordinator's last refusal (e.g. banned), logged once
         self._pending: dict[int, tuple[str, dict]] = {}  # round -> (model digest, metrics) not yet delivered
         self._lock = threading.Lock()
         self.initial_peers: list[str] = []  # the coordinator's DHT addresses
@@ -79,9 +79,9 @@ class Membership:
             try:
                 self._tick()
             except CoordinatorError as e:
-                if self.refused != str(e):
+                if self._refusal != str(e):
                     logger.warning(f"coordinator refused this peer: {e}")
-                self.refused = str(e)
+                self._refusal = str(e)
             except Exception as e:  # never let the thread die: training must go on
                 logger.warning(f"membership: {type(e).__name__}: {e}")
 
@@ -91,7 +91,7 @@ class Membership:
             try:
                 push_token(self._dht, self.client.renew())
             except CoordinatorError as e:
-                if getattr(e, "code", None) is None or e.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                if getattr(e, "code", None) in RETRIED:
                     logger.info(f"token not renewed yet: {e}")  # coordinator down: the current token carries on
                 else:
                     raise
@@ -104,7 +104,7 @@ class Membership:
             with self._lock:
                 if self._pending.get(round_, (None, None))[1] == metrics:
                     del self._pending[round_]
-            self.refused = None
+            self._refusal = None
             if set(reply.banned) != self.banned:
                 self.banned = frozenset(reply.banned)
                 push_bans(self._dht, self.banned)

@@ -17,8 +17,8 @@ And three make cheating visible (DESIGN "Trust"): before averaging, a peer signs
 contribution (question ids, rollout digest, token count, gradient sketch, ...) and keeps the rollouts
 behind it for verifiers (node/swarm/rpc.py); as a reducer it keeps signed reports of what each sender
 sent it (binding); in an admitted run it averages only with peers holding a current token.
-The ``contribution`` and ``outgoing`` methods are the points where a peer's behaviour is decided,
-which is where the adversarial tests' attackers differ from honest peers.
+``sample_batch``, ``contribution``, ``commit`` and ``outgoing`` are the points where a peer's behaviour
+is decided, which is where the adversarial tests' attackers differ from honest peers.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ logger = logging.getLogger(__name__)
 # Seconds a (round, digest) record stays in the DHT. Live peers refresh theirs every attempt,
 # so a record older than this belongs to a peer that is gone.
 PROGRESS_LIFETIME = 60.0
+CONTRIBUTION_LIFETIME = 300.0  # seconds a contribution record stays in the DHT (the ledger reads it later)
+
+
+def published_progress(dht, run_id: str) -> dict[str, dict]:
+    """{peer: {round, digest}} from the live peers' progress records."""
+    found = dht.get(progress_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {peer: entry.value for peer, entry in found.value.items() if isinstance(entry.value, dict)}
 
 
 @dataclass
@@ -123,8 +132,8 @@ class SwarmPeer:
 
     def load_checkpoint(self, path) -> None:
         """Start from a coordinator checkpoint (model and optimizer) instead of θ_0."""
-        self.round = load_checkpoint(path, self.policy.model, self.learner.optimizer).round
-        self.digest = model_digest(self.policy.model)
+        checkpoint = load_checkpoint(path, self.policy.model, self.learner.optimizer)  # verified its digest
+        self.round, self.digest = checkpoint.round, checkpoint.model_digest
         self.averager.state_sharing_priority = self.round
 
     def sync_from_peers(self) -> bool:
@@ -143,7 +152,7 @@ class SwarmPeer:
     def catch_up(self, attempts: int = 6, wait: float = 2.0) -> bool:
         """A joiner's first sync. Peers admit a newcomer's state download only once they have read its
         token (each round), so a refusal right after joining is retried a few times while peers are ahead."""
-        for attempt in range(attempts):
+        for _ in range(attempts):
             if self.sync_from_peers():
                 return True
             others = self.others_progress()
@@ -201,7 +210,7 @@ class SwarmPeer:
         """Sign the contribution, publish it in the DHT and keep it (with its rollouts) for verifiers."""
         body, bundle = self.contribution(r, batch, gradient)
         record = sign_record(self.key, "contribution", self.config.run.id, r, body).SerializeToString()
-        self.dht.store(contributions_key(self.config.run.id, r), record, get_dht_time() + PROGRESS_LIFETIME * 5,
+        self.dht.store(contributions_key(self.config.run.id, r), record, get_dht_time() + CONTRIBUTION_LIFETIME,
                        subkey=self.peer_id, return_future=True)
         self.service.keep(r, "contribution", [record], bundle)
 
@@ -221,11 +230,8 @@ class SwarmPeer:
 
     def others_progress(self) -> dict[str, dict]:
         """{peer: {round, digest}} of the other live peers (fresh progress records)."""
-        found = self.dht.get(progress_key(self.config.run.id), latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        return {peer: entry.value for peer, entry in found.value.items()
-                if peer != self.peer_id and isinstance(entry.value, dict)}
+        return {peer: progress for peer, progress in published_progress(self.dht, self.config.run.id).items()
+                if peer != self.peer_id}
 
     def peers_behind(self) -> int:
         """Live peers at an earlier round than ours."""

@@ -35,15 +35,20 @@ from node.audit import AuditFailure, audit
 from node.peer import SwarmPeer
 from node.runlog import RunLog
 from node.swarm.binding import MISMATCH, WEIGHT, check_binding
-from node.swarm.rpc import RpcError
+from node.swarm.rpc import NotHeld, RpcError
 from protocol import swarm_pb2
 from protocol.keys import contributions_key, verdicts_key
-from protocol.records import RecordError, ReplayGuard, open_record, parse_record, sign_record
+from protocol.records import RecordError, ReplayGuard, check_signature, open_record, parse_record, sign_record
 
 logger = logging.getLogger(__name__)
 VERDICT_LIFETIME = 3600.0
 FETCH_TIMEOUT = 20.0
 POLL_INTERVAL = 0.5
+
+
+def failed(peer_id: str, round_: int, check: str, evidence: str, contribution_digest: bytes = b"") -> swarm_pb2.Verdict:
+    return swarm_pb2.Verdict(peer_id=peer_id, round=round_, passed=False, check=check, evidence=evidence,
+                             contribution_digest=contribution_digest)
 
 
 class Verifier:
@@ -55,7 +60,6 @@ class Verifier:
         self.rng = random.Random(seed)
         self.replay = ReplayGuard()
         self.flagged: set[str] = set()
-        self.audited = 0
         self.total_length = sum(p.numel() for p in self.peer.learner.params)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ class Verifier:
                 continue
             for data in records:
                 try:
-                    binding = self.open_signed(data, reducer, round_, "binding", swarm_pb2.Binding)
+                    _, binding = self.open_signed(data, reducer, round_, "binding", swarm_pb2.Binding)
                 except AuditFailure as e:
                     logger.warning(f"binding report of {reducer} dropped: {e}")
                     continue
@@ -128,59 +132,60 @@ class Verifier:
     def audit_peer(self, round_: int, peer_id: str, parts: list) -> Optional[swarm_pb2.Verdict]:
         try:
             records, bundle = self.peer.service.fetch(peer_id, round_, "contribution", FETCH_TIMEOUT)
+        except NotHeld as e:
+            if parts:
+                return failed(peer_id, round_, "commitment",
+                              f"sent {len(parts)} parts to the all-reduce but shows no contribution ({e})")
+            return None
         except RpcError as e:
-            if parts and "no 'contribution' held" in str(e):
-                return self.verdict(peer_id, round_, False, "commitment",
-                                    f"sent {len(parts)} parts to the all-reduce but shows no contribution ({e})")
             logger.info(f"cannot audit {peer_id} in round {round_}: {e}")
             return None
-        digest = hashlib.sha256(records[0] if records else b"").digest()
         try:
             if len(records) != 1:
                 raise AuditFailure("record", f"{len(records)} contribution records for one round")
-            contribution = self.open_signed(records[0], peer_id, round_, "contribution", swarm_pb2.Contribution)
+            record, contribution = self.open_signed(records[0], peer_id, round_, "contribution",
+                                                    swarm_pb2.Contribution)
             if contribution.peer_id != peer_id:
                 raise AuditFailure("identity", f"contribution names peer {contribution.peer_id}")
-        except AuditFailure as e:
-            return self.verdict(peer_id, round_, False, e.check, e.evidence, digest)
-        record = parse_record(records[0])
+        except AuditFailure as e:  # the served bytes themselves are the evidence
+            return failed(peer_id, round_, e.check, e.evidence, hashlib.sha256(b"".join(records)).digest())
         verdict = audit(self.config, self.peer.task, self.peer.learner, record, contribution, bundle, round_,
                         peer_id, self.rng, model_digest=self.peer.digest)
-        if verdict is None:  # we hold another model than the one it sampled from: no judgement
-            return None
-        self.audited += 1
-        if verdict.passed and parts:
-            problem = check_binding(contribution.sketch, contribution.token_count, parts, self.total_length,
-                                    self.config.trust.binding_tolerance)
-            if problem is not None and problem.startswith((WEIGHT, MISMATCH)):
-                verdict = self.verdict(peer_id, round_, False, "binding", problem, digest)
-            elif problem is not None:  # a reducer that failed or contradicts others: no evidence against the sender
-                logger.info(f"binding of {peer_id} in round {round_} not checked: {problem}")
-        verdict.contribution_digest = digest
+        if verdict is None or not verdict.passed or not parts:  # None: we hold another model; no judgement
+            return verdict
+        problem = check_binding(contribution.sketch, contribution.token_count, parts, self.total_length,
+                                self.config.trust.binding_tolerance)
+        if problem is not None and problem.startswith((WEIGHT, MISMATCH)):
+            return failed(peer_id, round_, "binding", problem, verdict.contribution_digest)
+        if problem is not None:  # a reducer that failed or contradicts others: no evidence against the sender
+            logger.info(f"binding of {peer_id} in round {round_} not checked: {problem}")
         return verdict
 
     def open_signed(self, data: bytes, peer_id: str, round_: int, kind: str, body_type):
-        """Check a record ``peer_id`` served: signed with the key its token binds to its peer id."""
+        """(record, body) of a record ``peer_id`` served, checked: from a peer holding a token, signed with the
+        key that token binds to its peer id ("signature"), for this run, kind and round, with a fresh nonce."""
         try:
             record = parse_record(data)
-            admission = self.peer.admission
-            if admission is not None:
-                token = admission.token_of(peer_id)
-                if token is None:
-                    raise RecordError(f"{peer_id} holds no current token")
-                if record.public_key != token.public_key:
-                    raise RecordError("signed with a key that is not the one bound to this peer id")
-            return open_record(record, run_id=self.config.run.id, kind=kind, body_type=body_type,
-                               rounds=(round_, round_), replay=self.replay)
         except RecordError as e:
-            raise AuditFailure("signature" if "signature" in str(e) or "key" in str(e) else "record", str(e)) from None
+            raise AuditFailure("record", str(e)) from None
+        admission = self.peer.admission
+        if admission is not None:
+            token = admission.token_of(peer_id)
+            if token is None:
+                raise AuditFailure("record", f"{peer_id} holds no current token")
+            if record.public_key != token.public_key:
+                raise AuditFailure("signature", "signed with a key that is not the one bound to this peer id")
+        try:
+            check_signature(record)
+        except RecordError as e:
+            raise AuditFailure("signature", str(e)) from None
+        try:
+            return record, open_record(record, run_id=self.config.run.id, kind=kind, body_type=body_type,
+                                       rounds=(round_, round_), replay=self.replay)
+        except RecordError as e:
+            raise AuditFailure("record", str(e)) from None
 
     # ---- verdicts ------------------------------------------------------------------------------
-    def verdict(self, peer_id: str, round_: int, passed: bool, check: str, evidence: str,
-                contribution_digest: bytes = b"") -> swarm_pb2.Verdict:
-        return swarm_pb2.Verdict(peer_id=peer_id, round=round_, passed=passed, check=check, evidence=evidence,
-                                 contribution_digest=contribution_digest)
-
     def publish(self, verdict: swarm_pb2.Verdict) -> None:
         record = sign_record(self.session.key, "verdict", self.config.run.id, verdict.round, verdict)
         self.peer.dht.store(verdicts_key(self.config.run.id, verdict.round), record.SerializeToString(),

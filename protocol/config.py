@@ -167,7 +167,7 @@ class TrustSection:
     # relative error between a sender's part sketches (after compression) and its committed sketch;
     # measured on the tiny model's gradients: none ~1e-7, fp16 1.8e-4..2.3e-4, 8-bit 0.26..0.69
     binding_tolerance: float = _spec(2e-3, POSITIVE)
-    token_lifetime: float = _spec(300.0, POSITIVE)  # seconds an access token is valid
+    token_lifetime: float = _spec(600.0, POSITIVE)  # seconds an access token is valid (coordinator --token-lifetime)
     rollout_history: int = _spec(4, POSITIVE)  # rounds a peer keeps its rollout bundles for verifiers
 
 

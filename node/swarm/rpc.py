@@ -35,6 +35,10 @@ class RpcError(RuntimeError):
     """A round-data request that could not be answered; the message says why."""
 
 
+class NotHeld(RpcError):
+    """The peer answered, and holds no such data for that round."""
+
+
 class PeerService:
     """Serves what was ``keep``-ed for the last ``history`` rounds; ``fetch`` asks another peer."""
 
@@ -85,6 +89,7 @@ class PeerService:
             reply.error = f"this peer trains run {self.run_id!r}, not {request.run_id!r}"
         elif records is None:
             reply.error = f"no {request.what!r} held for round {request.round} (holding rounds {held})"
+            reply.not_held = True
         if reply.error:
             yield reply
             return
@@ -106,7 +111,8 @@ class PeerService:
                                                                swarm_pb2.RoundData)
             async for reply in stream:
                 if reply.error:
-                    raise RpcError(f"{peer_id} has no {what} of round {round_}: {reply.error}")
+                    raise (NotHeld if reply.not_held else RpcError)(f"{peer_id} has no {what} of round {round_}: "
+                                                                    f"{reply.error}")
                 size += len(reply.tensors) + sum(map(len, reply.records))
                 if size > MAX_BUNDLE_BYTES:
                     raise RpcError(f"{peer_id} sent more than {MAX_BUNDLE_BYTES} bytes for round {round_}")
