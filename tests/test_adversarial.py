@@ -35,14 +35,29 @@ BAN_TIMEOUT = 90.0
 CONFIG = load_config(overrides=[*SWARM_TEST_SETTINGS, "run.rounds=1000", "swarm.max_failed_rounds=1000"])
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
+def wait_for(condition, timeout: float, what: str, interval: float = 1.0, swarm: LocalSwarm | None = None):
+    """Poll ``condition``; on timeout fail with the honest nodes' state (``swarm``) so CI shows why."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"no {what} within {timeout:.0f}s")
+    raise AssertionError(f"no {what} within {timeout:.0f}s" + (describe(swarm) if swarm is not None else ""))
+
+
+def describe(swarm: LocalSwarm) -> str:
+    """The honest nodes', the verifier's and a running attacker's process state, last rounds and log tail."""
+    running_attackers = [n for n in swarm.nodes[HONEST:] if n.process.poll() is None]
+    lines = []
+    for node in [*swarm.nodes[:HONEST], *swarm.verifiers, *running_attackers]:
+        state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
+        last = [(r["round"], r["stepped"], r.get("group_size"), r.get("reason", "")[:60], r.get("sync"))
+                for r in train_records(node)[-3:]]
+        log = (node.out_dir / "node.log").read_text(errors="replace").splitlines()
+        lines += [f"\n{node.name} ({state}), {len(train_records(node))} rounds, last {last}",
+                  *(f"    {line[:200]}" for line in log[-8:])]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def train_records(node) -> list[dict]:
@@ -63,7 +78,7 @@ def start_honest_swarm(out: Path) -> LocalSwarm:
     try:
         honest = [swarm.add_node() for _ in range(HONEST)]
         swarm.add_verifier()
-        wait_for(lambda: all(len(train_records(n)) >= 2 for n in honest), JOIN_TIMEOUT, "honest rounds")
+        wait_for(lambda: all(len(train_records(n)) >= 2 for n in honest), JOIN_TIMEOUT, "honest rounds", swarm=swarm)
     except BaseException:
         swarm.__exit__()
         raise
@@ -102,16 +117,18 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
         # or the round its ban cut short, counts only if it formed with them: at their round)
         in_group = wait_for(lambda: [r["round"] for r in train_records(attacker)
                                      if r.get("group_size", 0) > 1 and r["round"] >= swarm_round],
-                            JOIN_TIMEOUT, f"round {name} took part in")
+                            JOIN_TIMEOUT, f"round {name} took part in", swarm=swarm)
         failed = wait_for(lambda: [v for v in verdicts(swarm) if v["peer"] == peer_id and not v["passed"]],
-                          BAN_TIMEOUT, f"failed verdict on {name}")
-        wait_for(lambda: getattr(peer_info(swarm, peer_id), "banned", False), BAN_TIMEOUT, f"ban of {name}")
-        banned_at = max(len(train_records(n)) for n in swarm.nodes[:HONEST])
+                          BAN_TIMEOUT, f"failed verdict on {name}", swarm=swarm)
+        wait_for(lambda: getattr(peer_info(swarm, peer_id), "banned", False), BAN_TIMEOUT, f"ban of {name}",
+                 swarm=swarm)
+        honest = swarm.nodes[:HONEST]
+        banned_at = [len(train_records(n)) for n in honest]
         attacker_steps_at_ban = stepped_rounds(attacker)
-        # the next all-reduces are the honest peers' alone
-        wait_for(lambda: all(len(train_records(n)) >= banned_at + 2 for n in swarm.nodes[:HONEST]), JOIN_TIMEOUT,
-                 "honest rounds after the ban")
-        after = [r for n in swarm.nodes[:HONEST] for r in train_records(n)[banned_at + 1:] if r.get("stepped")]
+        # the next all-reduces are the honest peers' alone (each peer's first round may have been in flight)
+        wait_for(lambda: all(len(train_records(n)) >= at + 2 for n, at in zip(honest, banned_at)), JOIN_TIMEOUT,
+                 "honest rounds after the ban", swarm=swarm)
+        after = [r for n, at in zip(honest, banned_at) for r in train_records(n)[at + 1:] if r.get("stepped")]
         return {"peer_id": peer_id, "first_round": in_group[0], "failed": failed[0],
                 "groups_after_ban": sorted({r["group_size"] for r in after}),
                 "attacker_steps_after_ban": stepped_rounds(attacker) - attacker_steps_at_ban}
@@ -132,7 +149,7 @@ def coordinator_outage(swarm: LocalSwarm) -> dict:
     wait_for(lambda: not group_members(swarm.coordinator.process.pid), 10, "the coordinator gone")
     at_kill = [stepped_rounds(n) for n in honest]
     wait_for(lambda: all(stepped_rounds(n) >= s + 3 for n, s in zip(honest, at_kill)), 180,
-             "rounds while the coordinator is down")
+             "rounds while the coordinator is down", swarm=swarm)
     swarm.start_coordinator()  # same folder, ports and DHT address
     last_before = max(r.round for r in before.rounds)
     wait_for(lambda: max(r.round for r in coordinator_status(swarm.address).rounds) > last_before + 3, 120,
