@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
+from node.swarm.dht import dht_get
 from protocol import swarm_pb2
 from protocol.config import ConfigError, RunConfig
 from protocol.identity import SigningKey
@@ -60,7 +61,7 @@ def read_announcement(run_id: str, data) -> Announcement:
 
 def published_runs(dht: hivemind.DHT) -> dict[str, Announcement]:
     """The valid announcements in the swarm, by run id (invalid ones are dropped with a log line)."""
-    found = dht.get(RUNS_KEY, latest=True)
+    found = dht_get(dht, RUNS_KEY)
     if found is None or not isinstance(found.value, dict):
         return {}
     runs = {}

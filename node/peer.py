@@ -38,6 +38,7 @@ from node.grpo import loss_weight
 from node.learner import Gradient, Learner, ScoredBatch, batch_metrics
 from node.solo import shard_batch
 from node.swarm.allreduce import AllReduceOutcome, GradientAverager
+from node.swarm.dht import dht_get
 from node.swarm.rpc import PeerService
 from node.warm_start import warm_started_policy
 from protocol import swarm_pb2
@@ -55,7 +56,7 @@ CONTRIBUTION_LIFETIME = 300.0  # seconds a contribution record stays in the DHT 
 
 def published_progress(dht, run_id: str) -> dict[str, dict]:
     """{peer: {round, digest}} from the live peers' progress records."""
-    found = dht.get(progress_key(run_id), latest=True)
+    found = dht_get(dht, progress_key(run_id))
     if found is None or not isinstance(found.value, dict):
         return {}
     return {peer: entry.value for peer, entry in found.value.items() if isinstance(entry.value, dict)}

@@ -35,6 +35,7 @@ from node.audit import AuditFailure, audit
 from node.peer import SwarmPeer
 from node.runlog import RunLog
 from node.swarm.binding import MISMATCH, WEIGHT, check_binding
+from node.swarm.dht import dht_get
 from node.swarm.rpc import NotHeld, RpcError
 from protocol import swarm_pb2
 from protocol.keys import contributions_key, verdicts_key
@@ -88,7 +89,7 @@ class Verifier:
     def trainers(self, round_: int) -> set[str]:
         """Peers to ask: admitted trainers, plus anyone who published a contribution for the round."""
         peers = set(self.peer.others_progress())
-        found = self.peer.dht.get(contributions_key(self.config.run.id, round_), latest=True)
+        found = dht_get(self.peer.dht, contributions_key(self.config.run.id, round_))
         if found is not None and isinstance(found.value, dict):
             peers |= {str(peer) for peer in found.value}
         if self.peer.admission is not None:

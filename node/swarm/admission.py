@@ -27,6 +27,7 @@ from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.timed_storage import get_dht_time
 
+from node.swarm.dht import dht_get
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity
 from protocol.keys import bans_key, tokens_key
@@ -150,13 +151,13 @@ class Admission:
 
     def refresh(self, dht: hivemind.DHT) -> None:
         """Read the run's tokens and ban list from the DHT (invalid entries are dropped with a log line)."""
-        found = dht.get(tokens_key(self.run_id), latest=True)
+        found = dht_get(dht, tokens_key(self.run_id))
         if found is not None and isinstance(found.value, dict):
             for peer_id, entry in found.value.items():
                 problem = self.add_token(str(peer_id), entry.value) if isinstance(entry.value, bytes) else "not bytes"
                 if problem:
                     logger.debug(f"token of {peer_id} dropped: {problem}")
-        found = dht.get(bans_key(self.run_id), latest=True)
+        found = dht_get(dht, bans_key(self.run_id))
         if found is not None and isinstance(found.value, bytes):
             problem = self.set_bans(found.value)
             if problem:

@@ -194,13 +194,17 @@ class GradientAverager:
         Takes effect for the next group: join requests, parts and state downloads from others are refused,
         other peers are not asked to lead our group or to serve us state, and a round whose group includes
         one of them fails (its outcome names them). May be called from any thread, also during a round.
+        An averager too busy to confirm within HOST_GRACE takes the set when it reads its pipe (logged).
         """
         admitted = admitted_peer_ids(peer_ids)
         if not self._averager.is_alive():
             raise RuntimeError("the averager process is not running")
         with self._pipe_lock:
             future = self._averager.set_admitted(admitted)
-        future.result(timeout=HOST_GRACE)
+        try:
+            future.result(timeout=HOST_GRACE)
+        except TimeoutError:
+            logger.warning(f"the averager has not confirmed the admitted peers within {HOST_GRACE:.0f}s")
 
     def average(
         self,

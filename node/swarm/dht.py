@@ -1,8 +1,11 @@
-"""Join (or start) the swarm's hivemind DHT with bounded retries.
+"""Join (or start) the swarm's hivemind DHT with bounded retries, and read from it with a bound.
 
-Volunteers' first contact with the swarm is this call, so its failures must be bounded and readable:
+Volunteers' first contact with the swarm is ``start_dht``, so its failures must be bounded and readable:
 a slow machine can take longer than hivemind's 15 s to start the p2p daemon, and a bootstrap peer
 that is briefly down should not need a manual restart. Every other option goes to hivemind as is.
+
+hivemind's blocking ``DHT.get`` waits on its DHT process without a limit; ``dht_get`` gives up after
+``timeout`` seconds, so a stalled DHT process costs a peer one slow round instead of hanging it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Optional, Sequence
 
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.timed_storage import ValueWithExpiration
 
 from node.swarm.errors import one_line
 
@@ -23,6 +27,7 @@ DEFAULT_STARTUP_TIMEOUT = 60.0  # hivemind's default (15 s) is too short on load
 MAX_BACKOFF = 30.0
 STOP_GRACE = 10.0
 BOOTSTRAP_GRACE = 15.0  # after the daemon is up: DHT pings to the initial peers (hivemind waits 3 s per stage)
+GET_TIMEOUT = 30.0  # a latest-value search takes a few of hivemind's 3 s request timeouts at most
 
 
 class SwarmJoinError(RuntimeError):
@@ -90,3 +95,12 @@ def _stop(dht: hivemind.DHT) -> None:
     if dht.is_alive():  # stuck: a timed-out start
         dht.kill()
         dht.join(STOP_GRACE)
+
+
+def dht_get(dht: hivemind.DHT, key, timeout: float = GET_TIMEOUT) -> Optional[ValueWithExpiration]:
+    """The latest value under ``key``, or None when there is none or the DHT did not answer in time."""
+    try:
+        return dht.get(key, latest=True, return_future=True).result(timeout=timeout)
+    except Exception as e:  # a timeout, or the DHT process gone
+        logger.warning(f"DHT read of {key!r} failed: {one_line(e)}")
+        return None
