@@ -240,12 +240,14 @@ class Ledger:
 
     # ---- verdicts ------------------------------------------------------------------------------
     def verdict(self, verifier: str, verdict: swarm_pb2.Verdict, nonce: bytes, timestamp: float, now: float) -> bool:
-        """Record a verdict; a failed one bans the audited peer in the same transaction.
-        Returns whether this verdict banned it."""
+        """Record a verdict; a failed one bans the audited peer in the same transaction. The verifier's
+        round is the latest it audited (it sends no heartbeats). Returns whether this verdict banned the peer."""
         with self._write(nonce, timestamp) as db:
             db.execute("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (verifier, verdict.peer_id, verdict.round, int(verdict.passed), verdict.check,
                         verdict.evidence, verdict.contribution_digest, now))
+            db.execute("UPDATE peers SET last_seen = ?, round = max(round, ?) WHERE peer_id = ?",
+                       (now, verdict.round, verifier))
             if verdict.passed:
                 return False
             reason = f"failed {verdict.check or 'audit'} in round {verdict.round}: {verdict.evidence}"

@@ -59,8 +59,17 @@ class Membership:
         return self.client.coordinator_public_key
 
     def start(self, dht: hivemind.DHT) -> "Membership":
+        """Hand the token to the now running DHT and start the thread. The peer registered before its DHT
+        existed (the DHT needs the token), so it registers again with the address the DHT listens on,
+        which the dashboard lists; without a coordinator answer the first token carries on."""
         self._dht = dht
-        push_token(dht, self.token)
+        token = self.token
+        visible = dht.get_visible_maddrs()
+        try:
+            token = self.client.register(str(visible[0]) if visible else "")
+        except CoordinatorError as e:
+            logger.warning(f"could not tell the coordinator this peer's address: {e}")
+        push_token(dht, token)
         self._thread.start()
         return self
 

@@ -76,8 +76,9 @@ def test_failed_verdict_bans_and_unban_lifts(ledger):
     assert not ledger.verdict("V", failed, nonce(), time.time(), time.time())  # already banned
     peer = ledger.peer("A")
     assert peer.banned and "logprobs" in peer.ban_reason and "max diff 3.1" in peer.ban_reason
-    info = ledger.status().peers[0]
+    info, verifier = ledger.status().peers
     assert (info.verdicts_passed, info.verdicts_failed, info.banned) == (1, 2, True)
+    assert verifier.round == 2  # the latest round it audited
     assert ledger.banned_peers() == ["A"]
     assert ledger.unban("A", "admin", nonce(), time.time(), time.time())
     assert not ledger.unban("A", "admin", nonce(), time.time(), time.time())
