@@ -14,9 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
-
-import torch
+from typing import Callable, Iterable, Optional
 
 from node.checkpoint import StateError, latest_checkpoint, load_peer_state, read_checkpoint, save_checkpoint
 from node.digest import model_digest

@@ -11,7 +11,6 @@ node is done, each group is stopped by its pid, SIGTERM first.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -46,6 +45,14 @@ class NodeProcess:
 
     def records(self) -> list[dict]:
         return RunLog(self.out_dir / "metrics.jsonl").records()
+
+    def train_records(self) -> list[dict]:
+        """One per round attempted, failed attempts included."""
+        return [r for r in self.records() if r["kind"] == "train"]
+
+    def stepped_rounds(self) -> list[int]:
+        """The rounds whose average the node stepped on, in order."""
+        return [r["round"] for r in self.train_records() if r.get("stepped")]
 
 
 def start_process(name: str, command: list[str], out_dir: Path, log_name: str = "node.log") -> NodeProcess:

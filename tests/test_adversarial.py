@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from protocol.tasks import load_task
 from tests.browser import dump_dom, parse_dom, screenshot
 from tests.conftest import CLEAN_ROUNDS, SWARM_TEST_SETTINGS
 from tests.swarm.attacker import ATTACKS
+from tests.waiting import wait_for
 
 ATTACKER = str(Path(__file__).with_name("swarm") / "attacker.py")
 HONEST = 3
@@ -35,33 +35,19 @@ BAN_TIMEOUT = 90.0
 CONFIG = load_config(overrides=[*SWARM_TEST_SETTINGS, "run.rounds=1000", "swarm.max_failed_rounds=1000"])
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 1.0, swarm: LocalSwarm | None = None):
-    """Poll ``condition``; on timeout fail with the honest nodes' state (``swarm``) so CI shows why."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"no {what} within {timeout:.0f}s" + (describe(swarm) if swarm is not None else ""))
-
-
 def describe(swarm: LocalSwarm) -> str:
-    """The honest nodes', the verifier's and a running attacker's process state, last rounds and log tail."""
+    """What a timed-out wait reports: the honest nodes', the verifier's and a running attacker's process
+    state, last rounds and log tail."""
     running_attackers = [n for n in swarm.nodes[HONEST:] if n.process.poll() is None]
     lines = []
     for node in [*swarm.nodes[:HONEST], *swarm.verifiers, *running_attackers]:
         state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
         last = [(r["round"], r["stepped"], r.get("group_size"), r.get("reason", "")[:60], r.get("sync"))
-                for r in train_records(node)[-3:]]
+                for r in node.train_records()[-3:]]
         log = (node.out_dir / "node.log").read_text(errors="replace").splitlines()
-        lines += [f"\n{node.name} ({state}), {len(train_records(node))} rounds, last {last}",
+        lines += [f"\n{node.name} ({state}), {len(node.train_records())} rounds, last {last}",
                   *(f"    {line[:200]}" for line in log[-8:])]
     return "".join(f"{line}\n" for line in lines)
-
-
-def train_records(node) -> list[dict]:
-    return [r for r in node.records() if r["kind"] == "train"]
 
 
 def verdicts(swarm) -> list[dict]:
@@ -78,7 +64,8 @@ def start_honest_swarm(out: Path) -> LocalSwarm:
     try:
         honest = [swarm.add_node() for _ in range(HONEST)]
         swarm.add_verifier()
-        wait_for(lambda: all(len(train_records(n)) >= 2 for n in honest), JOIN_TIMEOUT, "honest rounds", swarm=swarm)
+        wait_for(lambda: all(len(n.train_records()) >= 2 for n in honest), JOIN_TIMEOUT, "honest rounds",
+                 explain=lambda: describe(swarm))
     except BaseException:
         swarm.__exit__()
         raise
@@ -93,7 +80,7 @@ def attacked(tmp_path_factory):
     try:
         for name in ATTACKS:
             outcomes[name] = run_attack(swarm, name)
-        outcomes["honest_rounds"] = [train_records(n) for n in swarm.nodes[:HONEST]]
+        outcomes["honest_rounds"] = [n.train_records() for n in swarm.nodes[:HONEST]]
         outcomes["verdicts"] = verdicts(swarm)
         status = coordinator_status(swarm.address)
         outcomes["ledger"] = {p.peer_id: p for p in status.peers}
@@ -110,34 +97,30 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
     folder = swarm.out_dir / f"attacker-{name}"
     folder.mkdir()
     peer_id = P2PIdentity.load_or_create(folder / "p2p.id").peer_id
-    swarm_round = min(stepped_rounds(n) for n in swarm.nodes[:HONEST])
+    swarm_round = min(len(n.stepped_rounds()) for n in swarm.nodes[:HONEST])
     attacker = swarm.add_node(folder.name, entry=[ATTACKER, name])
     try:
         # the first round it averaged in with the honest peers (a group at a stale round before it caught up,
         # or the round its ban cut short, counts only if it formed with them: at their round)
-        in_group = wait_for(lambda: [r["round"] for r in train_records(attacker)
+        in_group = wait_for(lambda: [r["round"] for r in attacker.train_records()
                                      if r.get("group_size", 0) > 1 and r["round"] >= swarm_round],
-                            JOIN_TIMEOUT, f"round {name} took part in", swarm=swarm)
+                            JOIN_TIMEOUT, f"round {name} took part in", explain=lambda: describe(swarm))
         failed = wait_for(lambda: [v for v in verdicts(swarm) if v["peer"] == peer_id and not v["passed"]],
-                          BAN_TIMEOUT, f"failed verdict on {name}", swarm=swarm)
+                          BAN_TIMEOUT, f"failed verdict on {name}", explain=lambda: describe(swarm))
         wait_for(lambda: getattr(peer_info(swarm, peer_id), "banned", False), BAN_TIMEOUT, f"ban of {name}",
-                 swarm=swarm)
+                 explain=lambda: describe(swarm))
         honest = swarm.nodes[:HONEST]
-        banned_at = [len(train_records(n)) for n in honest]
-        attacker_steps_at_ban = stepped_rounds(attacker)
+        banned_at = [len(n.train_records()) for n in honest]
+        attacker_steps_at_ban = len(attacker.stepped_rounds())
         # the next all-reduces are the honest peers' alone (each peer's first round may have been in flight)
-        wait_for(lambda: all(len(train_records(n)) >= at + 2 for n, at in zip(honest, banned_at)), JOIN_TIMEOUT,
-                 "honest rounds after the ban", swarm=swarm)
-        after = [r for n, at in zip(honest, banned_at) for r in train_records(n)[at + 1:] if r.get("stepped")]
+        wait_for(lambda: all(len(n.train_records()) >= at + 2 for n, at in zip(honest, banned_at)), JOIN_TIMEOUT,
+                 "honest rounds after the ban", explain=lambda: describe(swarm))
+        after = [r for n, at in zip(honest, banned_at) for r in n.train_records()[at + 1:] if r.get("stepped")]
         return {"peer_id": peer_id, "first_round": in_group[0], "failed": failed[0],
                 "groups_after_ban": sorted({r["group_size"] for r in after}),
-                "attacker_steps_after_ban": stepped_rounds(attacker) - attacker_steps_at_ban}
+                "attacker_steps_after_ban": len(attacker.stepped_rounds()) - attacker_steps_at_ban}
     finally:
         stop_nodes([attacker])
-
-
-def stepped_rounds(node) -> int:
-    return sum(1 for r in train_records(node) if r.get("stepped"))
 
 
 def coordinator_outage(swarm: LocalSwarm) -> dict:
@@ -147,9 +130,9 @@ def coordinator_outage(swarm: LocalSwarm) -> dict:
     os.killpg(swarm.coordinator.process.pid, signal.SIGKILL)
     swarm.coordinator.process.wait(10)
     wait_for(lambda: not group_members(swarm.coordinator.process.pid), 10, "the coordinator gone")
-    at_kill = [stepped_rounds(n) for n in honest]
-    wait_for(lambda: all(stepped_rounds(n) >= s + 3 for n, s in zip(honest, at_kill)), 180,
-             "rounds while the coordinator is down", swarm=swarm)
+    at_kill = [len(n.stepped_rounds()) for n in honest]
+    wait_for(lambda: all(len(n.stepped_rounds()) >= s + 3 for n, s in zip(honest, at_kill)), 180,
+             "rounds while the coordinator is down", explain=lambda: describe(swarm))
     swarm.start_coordinator()  # same folder, ports and DHT address
     last_before = max(r.round for r in before.rounds)
     wait_for(lambda: max(r.round for r in coordinator_status(swarm.address).rounds) > last_before + 3, 120,
@@ -194,7 +177,7 @@ def test_honest_peers_are_never_flagged_and_the_reward_stays_close_to_a_clean_ru
 
     clean_nodes, _ = clean_swarm
     attacked_reward = mean_reward(outcomes["honest_rounds"])
-    clean_reward = mean_reward([train_records(n) for n in clean_nodes])
+    clean_reward = mean_reward([n.train_records() for n in clean_nodes])
     print(f"mean reward of honest peers over rounds 0-{CLEAN_ROUNDS - 1}: attacked run {attacked_reward:.3f}, "
           f"clean run {clean_reward:.3f}; {len(audited)} honest contributions audited")
     assert abs(attacked_reward - clean_reward) < 0.05
@@ -202,15 +185,20 @@ def test_honest_peers_are_never_flagged_and_the_reward_stays_close_to_a_clean_ru
 
 @pytest.mark.slow
 def test_the_dashboard_of_the_live_run_shows_its_rounds_and_its_bans(attacked):
-    _, outcomes = attacked
+    swarm, outcomes = attacked
     dom = parse_dom(outcomes["dashboard"])
     ran = {r["round"] for records in outcomes["honest_rounds"] for r in records if r.get("stepped")}
     reward = dom.find("svg", id="reward-curve")
     drawn = {int(c.attrs["data-round"]) for c in reward.find_all("circle")}
     # the page was loaded after the ledger was read, and the newest round may still have been in flight
     assert drawn >= set(outcomes["ledger_rounds"]) and drawn >= ran - {max(ran)}
-    banned_rows = dom.find("table", id="peers").find_all("tr", data_state="banned")
-    assert len(banned_rows) == len(ATTACKS)
+    peers = dom.find("table", id="peers")
+    assert len(peers.find_all("tr", data_state="banned")) == len(ATTACKS)
+    for node in swarm.nodes[:HONEST]:  # where each honest peer's DHT listens
+        row = peers.find("tr", data_peer_id=P2PIdentity.load_or_create(node.out_dir / "p2p.id").peer_id)
+        assert row.find("td", **{"class": "address"}).text.startswith("/ip4/127.0.0.1/tcp/")
+    verifier = outcomes["ledger"][P2PIdentity.load_or_create(swarm.verifiers[0].out_dir / "p2p.id").peer_id]
+    assert verifier.round > 0  # the latest round it audited
     assert outcomes["screenshot"].stat().st_size > 10_000
 
 

@@ -17,19 +17,10 @@ from coordinator.simulate import LocalSwarm, group_members
 from node.warm_start import warm_started_policy
 from protocol.config import load_config
 from protocol.tasks import load_task
+from tests.waiting import wait_for
 
 ROUNDS = 12
 DEADLINE = 480.0  # seconds for the whole scenario; the test fails, and stops every process, past it
-
-
-def stepped_rounds(node) -> list[int]:
-    return [r["round"] for r in node.records() if r["kind"] == "train" and r.get("stepped")]
-
-
-def wait_until(predicate, deadline: float) -> None:
-    while not predicate():
-        assert time.monotonic() < deadline, "the swarm did not get there in time"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +32,16 @@ def faulty_run(tmp_path_factory):
     deadline = time.monotonic() + DEADLINE
     with LocalSwarm(config, out) as swarm:
         killed, frozen, *survivors = [swarm.add_node() for _ in range(4)]
-        wait_until(lambda: max(stepped_rounds(killed), default=-1) >= 2, deadline)
+        wait_for(lambda: max(killed.stepped_rounds(), default=-1) >= 2, deadline - time.monotonic(),
+                 "round 2 of the peer to kill", interval=0.5)
         os.killpg(killed.process.pid, signal.SIGKILL)
         late = swarm.add_node()
-        wait_until(lambda: max(stepped_rounds(frozen), default=-1) >= 4, deadline)
+        wait_for(lambda: max(frozen.stepped_rounds(), default=-1) >= 4, deadline - time.monotonic(),
+                 "round 4 of the peer to freeze", interval=0.5)
         os.killpg(frozen.process.pid, signal.SIGSTOP)
         finishers = [*survivors, late]
-        wait_until(lambda: all(n.process.poll() is not None for n in finishers), deadline)
+        wait_for(lambda: all(n.process.poll() is not None for n in finishers), deadline - time.monotonic(),
+                 "end of the run", interval=0.5)
     return killed, frozen, finishers
 
 
@@ -57,9 +51,9 @@ def test_survivors_and_late_joiner_finish_in_agreement(faulty_run):
     assert [n.process.returncode for n in finishers] == [0] * len(finishers)
     digests: dict[int, set] = {}
     for node in finishers:
-        assert stepped_rounds(node)[-1] == ROUNDS - 1
-        for record in node.records():
-            if record["kind"] == "train" and record.get("stepped"):
+        assert node.stepped_rounds()[-1] == ROUNDS - 1
+        for record in node.train_records():
+            if record.get("stepped"):
                 digests.setdefault(record["round"], set()).add(record["model_digest"])
     assert all(len(found) == 1 for found in digests.values()), digests
 
@@ -69,13 +63,13 @@ def test_late_joiner_starts_from_the_swarm_state(faulty_run):
     *_, late = faulty_run[2]
     first_eval = next(r for r in late.records() if r["kind"] == "eval")
     assert first_eval["round"] >= 3  # it loaded the current state rather than training from θ_0
-    assert stepped_rounds(late)[0] >= first_eval["round"]  # and never stepped a round it had not reached
+    assert late.stepped_rounds()[0] >= first_eval["round"]  # and never stepped a round it had not reached
 
 
 @pytest.mark.slow
 def test_failed_rounds_are_skipped_not_applied(faulty_run):
     _, _, finishers = faulty_run
-    failed = [r for n in finishers for r in n.records() if r["kind"] == "train" and not r.get("stepped")]
+    failed = [r for n in finishers for r in n.train_records() if not r.get("stepped")]
     assert failed, "the faults should have cost the survivors at least one round"
     assert all(r["reason"] for r in failed)
 
