@@ -13,6 +13,11 @@ Two doors, both keyed on the libp2p peer id that the p2p daemon authenticates:
 The authorizer lives in the DHT process; the host renews the token with the coordinator and pushes
 it (and the ban list) there with ``push_token`` / ``push_bans``. A token outlives a coordinator
 outage by its remaining lifetime, so peers train on while the coordinator restarts.
+
+Any admitted peer may store to the DHT, where the value with the latest expiration wins. So every
+DHT node also refuses, under the tokens and ban-list keys, values the coordinator did not sign and
+expirations past their token's or list's own (``CoordinatorRecords``): otherwise one peer could bury
+the others' renewed tokens, or the newest ban list, under its own bytes.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import time
 from typing import Iterable, Optional
 
 import hivemind
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
 from hivemind.utils.auth import TokenAuthorizerBase
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.serializer import MSGPackSerializer
 
 from node.swarm.dht import dht_get
 from protocol import swarm_pb2
@@ -37,6 +44,7 @@ from protocol.tokens import TokenError, check_token
 logger = logging.getLogger(__name__)
 REFRESH_FRACTION = 0.5  # the DHT process asks for the pushed token once half of its lifetime is gone
 BANS_LIFETIME = 3600.0
+EXPIRATION_SLACK = 1.0  # seconds a DHT expiration may exceed its token's or ban list's (float rounding)
 
 
 def wrap_token(token: swarm_pb2.AccessToken) -> HivemindToken:
@@ -82,10 +90,58 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         return time.time() > token.issued_at + REFRESH_FRACTION * (token.expires_at - token.issued_at)
 
 
+def read_token(data: bytes, coordinator_public_key: bytes, run_id: str, peer_id: str) -> swarm_pb2.AccessToken:
+    """``peer_id``'s current token of this run, signed by the coordinator; raises TokenError otherwise."""
+    try:
+        token = swarm_pb2.AccessToken.FromString(data)
+    except (ValueError, TypeError) as e:
+        raise TokenError(f"not a token ({e})") from None
+    check_token(token, coordinator_public_key, run_id=run_id, peer_id=peer_id)
+    return token
+
+
+def read_ban_list(data: bytes, coordinator_public_key: bytes, run_id: str) -> tuple[float, swarm_pb2.BanList]:
+    """(when signed, ban list) of a ban-list record the coordinator signed; raises RecordError otherwise."""
+    record = parse_record(data)
+    if record.public_key != coordinator_public_key:
+        raise RecordError("ban list not signed by the coordinator")
+    bans = open_record(record, run_id=run_id, kind="bans", body_type=swarm_pb2.BanList, max_age=BANS_LIFETIME)
+    return record.timestamp, bans
+
+
+class CoordinatorRecords(RecordValidatorBase):
+    """DHT validator for the run's tokens and ban-list keys (see the module docstring); other keys pass."""
+
+    def __init__(self, run_id: str, coordinator_public_key: bytes):
+        self.run_id, self.coordinator_public_key = run_id, coordinator_public_key
+        self._tokens = DHTID.generate(source=tokens_key(run_id)).to_bytes()
+        self._bans = DHTID.generate(source=bans_key(run_id)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key not in (self._tokens, self._bans):
+            return True
+        try:
+            value = MSGPackSerializer.loads(record.value)
+            if not isinstance(value, bytes):
+                return False
+            if record.key == self._tokens:
+                subkey = MSGPackSerializer.loads(record.subkey)
+                expires_at = read_token(value, self.coordinator_public_key, self.run_id, str(subkey)).expires_at
+            else:
+                signed_at, _ = read_ban_list(value, self.coordinator_public_key, self.run_id)
+                expires_at = signed_at + BANS_LIFETIME
+        except Exception as e:  # anything a peer stored: undecodable, unsigned, stale, someone else's
+            logger.debug(f"DHT record under an admission key refused: {e}")
+            return False
+        return record.expiration_time <= expires_at + EXPIRATION_SLACK
+
+
 def dht_auth_kwargs(identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
                     token: swarm_pb2.AccessToken) -> dict:
-    """Extra start_dht kwargs for a DHT that speaks only to admitted peers."""
-    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token)}
+    """Extra start_dht kwargs for a DHT that speaks only to admitted peers and keeps only the coordinator's
+    tokens and ban lists under their keys."""
+    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token),
+            "record_validators": [CoordinatorRecords(run_id, coordinator_public_key)]}
 
 
 async def _set_token(token_bytes: bytes, _dht, node) -> None:
@@ -110,7 +166,7 @@ def push_bans(dht: hivemind.DHT, banned: Iterable[str]) -> None:
 def publish_bans(dht: hivemind.DHT, coordinator_key, run_id: str, banned: Iterable[str]) -> None:
     """The coordinator's signed ban list, which peers read each round (works while it is down)."""
     record = sign_record(coordinator_key, "bans", run_id, 0, swarm_pb2.BanList(peer_ids=sorted(banned)))
-    dht.store(bans_key(run_id), record.SerializeToString(), get_dht_time() + BANS_LIFETIME, return_future=True)
+    dht.store(bans_key(run_id), record.SerializeToString(), record.timestamp + BANS_LIFETIME, return_future=True)
 
 
 class Admission:
@@ -125,9 +181,8 @@ class Admission:
     def add_token(self, peer_id: str, data: bytes) -> Optional[str]:
         """Keep ``data`` as ``peer_id``'s token if it is one; returns why not otherwise."""
         try:
-            token = swarm_pb2.AccessToken.FromString(data)
-            check_token(token, self.coordinator_public_key, run_id=self.run_id, peer_id=peer_id)
-        except (TokenError, ValueError, TypeError) as e:
+            token = read_token(data, self.coordinator_public_key, self.run_id, peer_id)
+        except TokenError as e:
             return str(e)
         known = self.tokens.get(peer_id)
         if known is None or token.expires_at >= known.expires_at:
@@ -137,15 +192,11 @@ class Admission:
     def set_bans(self, data: bytes) -> Optional[str]:
         """Take a ban-list record if the coordinator signed it and it is newer than the one held."""
         try:
-            record = parse_record(data)
-            if record.public_key != self.coordinator_public_key:
-                raise RecordError("ban list not signed by the coordinator")
-            bans = open_record(record, run_id=self.run_id, kind="bans", body_type=swarm_pb2.BanList,
-                               max_age=BANS_LIFETIME)
+            signed_at, bans = read_ban_list(data, self.coordinator_public_key, self.run_id)
         except RecordError as e:
             return str(e)
-        if record.timestamp >= self._bans_signed_at:
-            self._bans_signed_at = record.timestamp
+        if signed_at >= self._bans_signed_at:
+            self._bans_signed_at = signed_at
             self.banned = set(bans.peer_ids)
         return None
 

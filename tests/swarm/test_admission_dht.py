@@ -4,10 +4,12 @@ import time
 
 import pytest
 
-from node.swarm.admission import Admission, dht_auth_kwargs, publish_bans, push_bans
+from node.swarm.admission import BANS_LIFETIME, Admission, dht_auth_kwargs, publish_bans, push_bans
 from node.swarm.dht import SwarmJoinError, start_dht
+from protocol import swarm_pb2
 from protocol.identity import P2PIdentity, SigningKey, hivemind_public_key
-from protocol.keys import tokens_key
+from protocol.keys import bans_key, tokens_key
+from protocol.records import sign_record
 from protocol.tokens import issue_token
 
 RUN = "adm"
@@ -81,3 +83,32 @@ def test_admission_reads_tokens_and_signed_bans_from_the_dht(dhts):
     time.sleep(0.2)
     admission.refresh(first)
     assert admission.admitted() == set() and admission.banned == {second_id.peer_id}
+
+
+def test_dht_nodes_keep_only_the_coordinators_tokens_and_ban_lists(dhts):
+    """An admitted peer cannot bury another peer's token or the newest ban list under its own bytes."""
+    first, first_id = dhts("first", COORDINATOR)
+    second, _ = dhts("second", COORDINATOR, [str(m) for m in first.get_visible_maddrs()])
+    key, victim = tokens_key(RUN), token_for(first_id, COORDINATOR)
+
+    def held_token():  # what first holds (second's answers carry its own junk, so first drops them)
+        return first.get(key, latest=True).value[first_id.peer_id].value
+
+    second.store(key, victim.SerializeToString(), victim.expires_at, subkey=first_id.peer_id)
+    assert held_token() == victim.SerializeToString()
+    second.store(key, b"junk", victim.expires_at + 100, subkey=first_id.peer_id)
+    second.store(key, token_for(first_id, SigningKey()).SerializeToString(), victim.expires_at + 100,
+                 subkey=first_id.peer_id)
+    second.store(key, victim.SerializeToString(), victim.expires_at + 100, subkey=first_id.peer_id)  # outlives it
+    assert held_token() == victim.SerializeToString()
+    renewed = token_for(first_id, COORDINATOR, lifetime=120.0)
+    second.store(key, renewed.SerializeToString(), renewed.expires_at, subkey=first_id.peer_id)
+    assert held_token() == renewed.SerializeToString()
+
+    publish_bans(second, COORDINATOR, RUN, ["banned-peer"])
+    old = sign_record(COORDINATOR, "bans", RUN, 0, swarm_pb2.BanList(), timestamp=time.time() - 60)
+    second.store(bans_key(RUN), old.SerializeToString(), time.time() + BANS_LIFETIME)  # outlives its own
+    publish_bans(second, SigningKey(), RUN, [])  # not the coordinator's
+    admission = Admission(RUN, COORDINATOR.public_key)
+    admission.refresh(first)
+    assert admission.banned == {"banned-peer"}
