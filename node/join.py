@@ -180,9 +180,13 @@ def train_in_swarm(peer, session: Session, out_dir: Path, console: Console, stop
     config = session.config
     log = RunLog(out_dir / "metrics.jsonl")
 
+    evaluated_at = None
+
     def run_eval() -> None:
+        nonlocal evaluated_at
         accuracy = evaluate_and_log(peer.policy, peer.task, config, log, peer.round)
         peer.report(max(peer.round - 1, 0), {"accuracy": accuracy})  # the model after that round's step
+        evaluated_at = peer.round
 
     run_eval()  # where this peer starts: θ_0, or the state it loaded from the swarm
     failures = 0
@@ -200,7 +204,8 @@ def train_in_swarm(peer, session: Session, out_dir: Path, console: Console, stop
             if failures >= config.swarm.max_failed_rounds:
                 raise SwarmStalled(f"gave up after {failures} failed rounds in a row at round {peer.round} "
                                    f"(last: {report.reason})")
-            if report.stepped and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
+            # also when a resync brought the model there (the last round included)
+            if peer.round != evaluated_at and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
                 run_eval()
             if not report.stepped:
                 status = f"waiting: {report.reason}"

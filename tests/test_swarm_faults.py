@@ -52,6 +52,8 @@ def test_survivors_and_late_joiner_finish_in_agreement(faulty_run):
     digests: dict[int, set] = {}
     for node in finishers:
         assert node.stepped_rounds()[-1] == ROUNDS - 1
+        last = node.records()[-1]  # the final model is evaluated, also when a resync brought the peer there
+        assert (last["kind"], last["round"]) == ("eval", ROUNDS)
         for record in node.train_records():
             if record.get("stepped"):
                 digests.setdefault(record["round"], set()).add(record["model_digest"])
