@@ -100,10 +100,11 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
     swarm_round = min(len(n.stepped_rounds()) for n in swarm.nodes[:HONEST])
     attacker = swarm.add_node(folder.name, entry=[ATTACKER, name])
     try:
-        # the first round it averaged in with the honest peers (a group at a stale round before it caught up,
-        # or the round its ban cut short, counts only if it formed with them: at their round)
+        # the first round it averaged in with the honest peers, at their round: a group at a stale round
+        # before it caught up does not count (its members refuse an average of mixed rounds)
         in_group = wait_for(lambda: [r["round"] for r in attacker.train_records()
-                                     if r.get("group_size", 0) > 1 and r["round"] >= swarm_round],
+                                     if r.get("group_size", 0) > 1 and r["round"] >= swarm_round
+                                     and not r.get("reason", "").startswith("the group mixed rounds")],
                             JOIN_TIMEOUT, f"round {name} took part in", explain=lambda: describe(swarm))
         failed = wait_for(lambda: [v for v in verdicts(swarm) if v["peer"] == peer_id and not v["passed"]],
                           BAN_TIMEOUT, f"failed verdict on {name}", explain=lambda: describe(swarm))

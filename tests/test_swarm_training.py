@@ -23,18 +23,31 @@ def swarm_run(clean_swarm):
 
 @pytest.mark.slow
 def test_every_peer_finishes_with_the_same_model_each_round(swarm_run):
+    """Every round is stepped by a group, and all peers that stepped it hold the same model after it. Under
+    load a peer may miss a round (a part arrives late) and then loads the swarm's state instead."""
     nodes, out = swarm_run
     assert [n.process.returncode for n in nodes] == [0] * PEERS, [n.out_dir / "node.log" for n in nodes]
     digests: dict[int, set] = {}
     for node in nodes:
-        stepped = [r for r in node.records() if r["kind"] == "train" and r["stepped"]]
-        assert [r["round"] for r in stepped] == list(range(ROUNDS))
+        stepped = [r for r in node.train_records() if r["stepped"]]
+        rounds = [r["round"] for r in stepped]
+        assert rounds == sorted(set(rounds))
+        last = node.records()[-1]  # each peer ends with the final model, evaluated
+        assert (last["kind"], last["round"]) == ("eval", ROUNDS)
+        missed = set(range(ROUNDS)) - set(rounds)
+        assert len(missed) <= ROUNDS // 5, (node.name, sorted(missed))
+        assert not missed or any(r["sync"].startswith("resynced") for r in node.train_records())
         for record in stepped:
             digests.setdefault(record["round"], set()).add(record["model_digest"])
             assert record["group_size"] >= 2
+    assert sorted(digests) == list(range(ROUNDS))
     assert all(len(found) == 1 for found in digests.values()), digests
-    accuracies = {tuple(r["accuracy"] for r in node.records() if r["kind"] == "eval") for node in nodes}
-    assert len(accuracies) == 1 and len(next(iter(accuracies))) == 3  # rounds 0, 15, 30
+    evals: dict[int, set] = {}  # round -> accuracies the peers measured there
+    for node in nodes:
+        for record in node.records():
+            if record["kind"] == "eval":
+                evals.setdefault(record["round"], set()).add(record["accuracy"])
+    assert {0, 15, ROUNDS} <= set(evals) and all(len(found) == 1 for found in evals.values()), evals
     assert (out / "plot.png").exists() and (out / "metrics.jsonl").exists()
 
 
