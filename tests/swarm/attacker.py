@@ -24,11 +24,13 @@ from protocol.keys import contributions_key
 from protocol.records import parse_record, sign_record
 from protocol.rewards import score
 
-Honest = node.peer.SwarmPeer
+Honest = node.peer.SwarmPeer  # each attacker names the verifier check that must catch it (``caught_by``)
 
 
 class ForgedSignature(Honest):
     """Signs its contribution with a key that is not the one its token binds to its peer id."""
+
+    caught_by = "signature"
 
     def commit(self, r, batch, gradient):
         real_key, self.key = self.key, SigningKey()
@@ -40,6 +42,8 @@ class ForgedSignature(Honest):
 
 class Replay(Honest):
     """Serves the contribution record of an earlier round again (fresh data is not sampled honestly)."""
+
+    caught_by = "record"
 
     first = None
 
@@ -54,6 +58,8 @@ class Replay(Honest):
 class CherryPick(Honest):
     """Trains on questions of its choosing (the first ones of the data set) instead of its shard."""
 
+    caught_by = "shard"
+
     def sample_batch(self, r):
         questions = [self.task.question(i) for i in range(self.config.rollout.questions_per_peer)]
         return self.learner.collect(questions)
@@ -61,6 +67,8 @@ class CherryPick(Honest):
 
 class FabricatedRewards(Honest):
     """Reports reward 1 for every completion."""
+
+    caught_by = "rewards"
 
     def sample_batch(self, r):
         batch = super().sample_batch(r)
@@ -72,6 +80,8 @@ class FabricatedRewards(Honest):
 
 class OtherModel(Honest):
     """Samples its completions from another model (an untrained one of the same architecture)."""
+
+    caught_by = "logprobs"
 
     def sample_batch(self, r):
         batch = super().sample_batch(r)
@@ -92,6 +102,8 @@ class OtherModel(Honest):
 class Scaled(Honest):
     """Commits to its gradient, sends it ×10."""
 
+    caught_by = "binding"
+
     def outgoing(self, gradient: Gradient):
         return [t * 10 for t in gradient.tensors], gradient.weight
 
@@ -99,12 +111,16 @@ class Scaled(Honest):
 class SignFlipped(Honest):
     """Commits to its gradient, sends its negation."""
 
+    caught_by = "binding"
+
     def outgoing(self, gradient: Gradient):
         return [-t for t in gradient.tensors], gradient.weight
 
 
 class DifferentGradient(Honest):
     """Commits to its gradient, sends a random one of the same norm."""
+
+    caught_by = "binding"
 
     def outgoing(self, gradient: Gradient):
         noise = [torch.randn_like(t) for t in gradient.tensors]
@@ -116,12 +132,16 @@ class InflatedWeight(Honest):
     """Claims the largest all-reduce weight reducers accept (an honest batch of full-length completions)
     instead of its committed token count (reducers cap anything larger)."""
 
+    caught_by = "binding"
+
     def outgoing(self, gradient: Gradient):
         return gradient.tensors, self.max_weight
 
 
 class CopiedContribution(Honest):
     """Re-signs another peer's contribution of the round as its own (and sends its own gradient)."""
+
+    caught_by = "identity"
 
     def commit(self, r, batch, gradient):
         super().commit(r, batch, gradient)
