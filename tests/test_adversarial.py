@@ -50,6 +50,10 @@ def describe(swarm: LocalSwarm) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def stepped_records(node) -> list[dict]:
+    return [r for r in node.train_records() if r.get("stepped")]
+
+
 def verdicts(swarm) -> list[dict]:
     return RunLog(swarm.verifiers[0].out_dir / "verdicts.jsonl").records()
 
@@ -116,12 +120,12 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
         wait_for(lambda: getattr(peer_info(swarm, peer_id), "banned", False), BAN_TIMEOUT, f"ban of {name}",
                  explain=lambda: describe(swarm))
         honest = swarm.nodes[:HONEST]
-        banned_at = [len(n.train_records()) for n in honest]
+        stepped_at_ban = [len(n.stepped_rounds()) for n in honest]
         attacker_steps_at_ban = len(attacker.stepped_rounds())
         # the next all-reduces are the honest peers' alone (each peer's first round may have been in flight)
-        wait_for(lambda: all(len(n.train_records()) >= at + 2 for n, at in zip(honest, banned_at)), JOIN_TIMEOUT,
-                 "honest rounds after the ban", explain=lambda: describe(swarm))
-        after = [r for n, at in zip(honest, banned_at) for r in n.train_records()[at + 1:] if r.get("stepped")]
+        wait_for(lambda: all(len(n.stepped_rounds()) >= at + 2 for n, at in zip(honest, stepped_at_ban)),
+                 JOIN_TIMEOUT, "honest rounds stepped after the ban", explain=lambda: describe(swarm))
+        after = [r for n, at in zip(honest, stepped_at_ban) for r in stepped_records(n)[at + 1:]]
         return {"peer_id": peer_id, "first_round": min(took_part(), default=None), "failed": failed[0],
                 "groups_after_ban": sorted({r["group_size"] for r in after}),
                 "attacker_steps_after_ban": len(attacker.stepped_rounds()) - attacker_steps_at_ban}
