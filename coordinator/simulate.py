@@ -50,9 +50,12 @@ class NodeProcess:
         """One per round attempted, failed attempts included."""
         return [r for r in self.records() if r["kind"] == "train"]
 
+    def stepped_records(self) -> list[dict]:
+        """The reports of the rounds whose average the node stepped on, in order."""
+        return [r for r in self.train_records() if r.get("stepped")]
+
     def stepped_rounds(self) -> list[int]:
-        """The rounds whose average the node stepped on, in order."""
-        return [r["round"] for r in self.train_records() if r.get("stepped")]
+        return [r["round"] for r in self.stepped_records()]
 
 
 def start_process(name: str, command: list[str], out_dir: Path, log_name: str = "node.log") -> NodeProcess:
@@ -241,9 +244,8 @@ def write_summary(nodes: list[NodeProcess], config: RunConfig, out_dir: Path) ->
     """One record per round for the whole swarm: mean reward over the peers that stepped, and accuracy."""
     by_round: dict[int, list[dict]] = {}
     for node in nodes:
-        for record in node.records():
-            if record["kind"] == "train" and record.get("stepped"):
-                by_round.setdefault(record["round"], []).append(record)
+        for record in node.stepped_records():
+            by_round.setdefault(record["round"], []).append(record)
     log = RunLog(out_dir / "metrics.jsonl")
     log.path.unlink(missing_ok=True)
     for round_, records in sorted(by_round.items()):

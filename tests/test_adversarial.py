@@ -42,16 +42,13 @@ def describe(swarm: LocalSwarm) -> str:
     lines = []
     for node in [*swarm.nodes[:HONEST], *swarm.verifiers, *running_attackers]:
         state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
+        records = node.train_records()
         last = [(r["round"], r["stepped"], r.get("group_size"), r.get("reason", "")[:60], r.get("sync"))
-                for r in node.train_records()[-3:]]
+                for r in records[-3:]]
         log = (node.out_dir / "node.log").read_text(errors="replace").splitlines()
-        lines += [f"\n{node.name} ({state}), {len(node.train_records())} rounds, last {last}",
+        lines += [f"\n{node.name} ({state}), {len(records)} rounds, last {last}",
                   *(f"    {line[:200]}" for line in log[-8:])]
     return "".join(f"{line}\n" for line in lines)
-
-
-def stepped_records(node) -> list[dict]:
-    return [r for r in node.train_records() if r.get("stepped")]
 
 
 def verdicts(swarm) -> list[dict]:
@@ -125,7 +122,7 @@ def run_attack(swarm: LocalSwarm, name: str) -> dict:
         # the next all-reduces are the honest peers' alone (each peer's first round may have been in flight)
         wait_for(lambda: all(len(n.stepped_rounds()) >= at + 2 for n, at in zip(honest, stepped_at_ban)),
                  JOIN_TIMEOUT, "honest rounds stepped after the ban", explain=lambda: describe(swarm))
-        after = [r for n, at in zip(honest, stepped_at_ban) for r in stepped_records(n)[at + 1:]]
+        after = [r for n, at in zip(honest, stepped_at_ban) for r in n.stepped_records()[at + 1:]]
         return {"peer_id": peer_id, "first_round": min(took_part(), default=None), "failed": failed[0],
                 "groups_after_ban": sorted({r["group_size"] for r in after}),
                 "attacker_steps_after_ban": len(attacker.stepped_rounds()) - attacker_steps_at_ban}

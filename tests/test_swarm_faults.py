@@ -55,9 +55,8 @@ def test_survivors_and_late_joiner_finish_in_agreement(faulty_run):
         last = node.records()[-1]  # the final model, evaluated (a peer may have resynced into it)
         assert (last["kind"], last["round"]) == ("eval", ROUNDS)
         finals.add(last["accuracy"])
-        for record in node.train_records():
-            if record.get("stepped"):
-                digests.setdefault(record["round"], set()).add(record["model_digest"])
+        for record in node.stepped_records():
+            digests.setdefault(record["round"], set()).add(record["model_digest"])
     assert all(len(found) == 1 for found in digests.values()), digests
     assert len(finals) == 1  # the same final model
 

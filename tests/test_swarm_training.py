@@ -29,7 +29,7 @@ def test_every_peer_finishes_with_the_same_model_each_round(swarm_run):
     assert [n.process.returncode for n in nodes] == [0] * PEERS, [n.out_dir / "node.log" for n in nodes]
     digests: dict[int, set] = {}
     for node in nodes:
-        stepped = [r for r in node.train_records() if r["stepped"]]
+        stepped = node.stepped_records()
         rounds = [r["round"] for r in stepped]
         assert rounds == sorted(set(rounds))
         last = node.records()[-1]  # each peer ends with the final model, evaluated
