@@ -14,10 +14,12 @@ are not. Checks, cheapest first:
    committed token count as weight (node/swarm/binding.py). Reports that leave part of the gradient
    unreported (a reducer failed) are no evidence either way.
 
-A sender that put a gradient into the all-reduce without a contribution it can show fails. A peer
-that cannot be reached, or a round the verifier holds the wrong model for, gets no verdict at all:
-verdicts must never flag an honest peer. Verdicts are signed, stored in the DHT, sent to the
-coordinator (which bans on a failure) and logged to ``verdicts.jsonl``.
+A sender that put a gradient into the all-reduce without a contribution it can show fails. No
+verdict at all, because verdicts must never flag an honest peer, for: a peer that cannot be reached
+or whose answer was cut off (after retries), a round that has left the peer's window of kept rounds
+(the verifier came late), a peer whose token the verifier has not seen, and a round the verifier
+holds the wrong model for. Verdicts are signed, stored in the DHT, sent to the coordinator (which
+bans on a failure) and logged to ``verdicts.jsonl``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ logger = logging.getLogger(__name__)
 VERDICT_LIFETIME = 3600.0
 FETCH_TIMEOUT = 20.0
 POLL_INTERVAL = 0.5
+
+
+class NoVerdict(Exception):
+    """The verifier cannot judge: its own view (of tokens) may lag the swarm's. No evidence either way."""
 
 
 def failed(peer_id: str, round_: int, check: str, evidence: str, contribution_digest: bytes = b"") -> swarm_pb2.Verdict:
@@ -123,7 +129,7 @@ class Verifier:
             for data in records:
                 try:
                     _, binding = self.open_signed(data, reducer, round_, "binding", swarm_pb2.Binding)
-                except AuditFailure as e:
+                except (AuditFailure, NoVerdict) as e:
                     logger.warning(f"binding report of {reducer} dropped: {e}")
                     continue
                 for part in binding.parts:
@@ -133,12 +139,10 @@ class Verifier:
     def audit_peer(self, round_: int, peer_id: str, parts: list) -> Optional[swarm_pb2.Verdict]:
         try:
             records, bundle = self.peer.service.fetch(peer_id, round_, "contribution", FETCH_TIMEOUT)
-        except NotHeld as e:
-            if parts:
+        except RpcError as e:
+            if isinstance(e, NotHeld) and parts and not e.evicted(self.config.trust.rollout_history):
                 return failed(peer_id, round_, "commitment",
                               f"sent {len(parts)} parts to the all-reduce but shows no contribution ({e})")
-            return None
-        except RpcError as e:
             logger.info(f"cannot audit {peer_id} in round {round_}: {e}")
             return None
         try:
@@ -150,6 +154,9 @@ class Verifier:
                 raise AuditFailure("identity", f"contribution names peer {contribution.peer_id}")
         except AuditFailure as e:  # the served bytes themselves are the evidence
             return failed(peer_id, round_, e.check, e.evidence, hashlib.sha256(b"".join(records)).digest())
+        except NoVerdict as e:
+            logger.info(f"cannot audit {peer_id} in round {round_}: {e}")
+            return None
         verdict = audit(self.config, self.peer.task, self.peer.learner, record, contribution, bundle, round_,
                         peer_id, self.rng, model_digest=self.peer.digest)
         if verdict is None or not verdict.passed or not parts:  # None: we hold another model; no judgement
@@ -163,8 +170,9 @@ class Verifier:
         return verdict
 
     def open_signed(self, data: bytes, peer_id: str, round_: int, kind: str, body_type):
-        """(record, body) of a record ``peer_id`` served, checked: from a peer holding a token, signed with the
-        key that token binds to its peer id ("signature"), for this run, kind and round, with a fresh nonce."""
+        """(record, body) of a record ``peer_id`` served, checked: from a peer holding a token (NoVerdict if the
+        verifier knows none), signed with the key that token binds to its peer id ("signature"), for this run,
+        kind and round, with a fresh nonce."""
         try:
             record = parse_record(data)
         except RecordError as e:
@@ -173,7 +181,7 @@ class Verifier:
         if admission is not None:
             token = admission.token_of(peer_id)
             if token is None:
-                raise AuditFailure("record", f"{peer_id} holds no current token")
+                raise NoVerdict(f"{peer_id} holds no current token as far as this verifier knows")
             if record.public_key != token.public_key:
                 raise AuditFailure("signature", "signed with a key that is not the one bound to this peer id")
         try:

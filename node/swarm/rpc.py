@@ -6,6 +6,10 @@ both ends: the answer is attributable to the peer (a DHT value is not: any admit
 overwrite it), and only admitted peers are served. Rollouts are bulk data (DESIGN: keep DHT values
 small), so bundles stream in chunks. Handlers run on an asyncio loop in a background thread of the
 host process, talking to the DHT's p2p daemon through a replica.
+
+hivemind ends a reply stream quietly when the connection closes, so a cut stream reads like a short
+answer. What a peer serves is evidence against it, so the final chunk is marked: a stream without the
+mark is a transport failure, tried again with back-off, and never read as the peer's answer.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable, Optional
 
 import hivemind
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # below hivemind's 4 MiB stream message limit
 MAX_BUNDLE_BYTES = 256 << 20  # a verifier stops reading a peer that sends more
 START_TIMEOUT = 30.0
+FETCH_ATTEMPTS = 3
+FETCH_BACKOFF = 1.0  # seconds before the second attempt, doubled before each next one
 
 
 WHAT = ("contribution", "bindings")
@@ -35,8 +42,21 @@ class RpcError(RuntimeError):
     """A round-data request that could not be answered; the message says why."""
 
 
-class NotHeld(RpcError):
-    """The peer answered, and holds no such data for that round."""
+class Refused(RpcError):
+    """The peer's answer itself is the failure (a refusal, or too much data): asking again would not help."""
+
+
+class NotHeld(Refused):
+    """The peer answered, and holds no such data for ``round``; ``held_rounds`` are those it holds."""
+
+    def __init__(self, message: str, round_: int, held_rounds: list[int]):
+        super().__init__(message)
+        self.round, self.held_rounds = round_, held_rounds
+
+    def evicted(self, history: int) -> bool:
+        """Whether the round has left a full window of newer rounds (the asker came late): no evidence
+        that the peer never kept it."""
+        return len(self.held_rounds) >= history and self.round < min(self.held_rounds)
 
 
 class PeerService:
@@ -90,39 +110,60 @@ class PeerService:
         elif records is None:
             reply.error = f"no {request.what!r} held for round {request.round} (holding rounds {held})"
             reply.not_held = True
+            reply.held_rounds.extend(held)
         if reply.error:
             yield reply
             return
         reply.records.extend(records)
-        for start in range(0, max(len(tensors), 1), CHUNK_BYTES):
+        starts = range(0, max(len(tensors), 1), CHUNK_BYTES)
+        for start in starts:
             reply.tensors = tensors[start:start + CHUNK_BYTES]
+            reply.last = start == starts[-1]
             yield reply
             del reply.records[:]
 
-    def fetch(self, peer_id: str, round_: int, what: str, timeout: float) -> tuple[list[bytes], bytes]:
-        """(records, tensors) ``peer_id`` holds as its ``what`` of ``round_``; raises RpcError otherwise."""
-        return self._call(self._fetch(peer_id, round_, what), timeout)
+    def fetch(self, peer_id: str, round_: int, what: str, timeout: float,
+              attempts: int = FETCH_ATTEMPTS) -> tuple[list[bytes], bytes]:
+        """(records, tensors) ``peer_id`` holds as its ``what`` of ``round_``; raises RpcError otherwise.
+
+        Each attempt gets ``timeout`` seconds; failures other than a refusal are tried ``attempts`` times."""
+        delay = FETCH_BACKOFF
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._call(self._fetch(peer_id, round_, what), timeout)
+            except Refused:
+                raise
+            except RpcError as e:
+                if attempt == attempts:
+                    raise RpcError(f"{e} (after {attempts} attempts)") from None
+                logger.info(f"round-data attempt {attempt}/{attempts} failed: {e}")
+                time.sleep(delay)
+                delay *= 2
 
     async def _fetch(self, peer_id: str, round_: int, what: str) -> tuple[list[bytes], bytes]:
         request = swarm_pb2.RoundDataRequest(run_id=self.run_id, round=round_, what=what)
-        records, chunks, size = [], [], 0
+        records, chunks, size, complete = [], [], 0, False
         try:
             stream = await self._p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), ROUND_DATA_RPC, request,
                                                                swarm_pb2.RoundData)
             async for reply in stream:
                 if reply.error:
-                    raise (NotHeld if reply.not_held else RpcError)(f"{peer_id} has no {what} of round {round_}: "
-                                                                    f"{reply.error}")
+                    message = f"{peer_id} has no {what} of round {round_}: {reply.error}"
+                    raise NotHeld(message, round_, list(reply.held_rounds)) if reply.not_held else Refused(message)
                 size += len(reply.tensors) + sum(map(len, reply.records))
                 if size > MAX_BUNDLE_BYTES:
-                    raise RpcError(f"{peer_id} sent more than {MAX_BUNDLE_BYTES} bytes for round {round_}")
+                    raise Refused(f"{peer_id} sent more than {MAX_BUNDLE_BYTES} bytes for round {round_}")
                 records.extend(reply.records)
                 chunks.append(reply.tensors)
+                complete = reply.last
         except RpcError:
             raise
         except Exception as e:
             raise RpcError(f"could not fetch the {what} of round {round_} from {peer_id}: "
                            f"{type(e).__name__}: {e}") from None
+        if not complete:
+            raise RpcError(f"the {what} of round {round_} from {peer_id} was cut off after {len(chunks)} chunks "
+                           f"({size} bytes)")
         return records, b"".join(chunks)
 
     def _call(self, coroutine, timeout: float):

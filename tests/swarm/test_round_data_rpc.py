@@ -1,13 +1,30 @@
-"""The round-data RPC between two real DHT peers on 127.0.0.1: chunked bundles, history, admission."""
+"""The round-data RPC between two real DHT peers on 127.0.0.1: chunked bundles, history, admission,
+and answers cut off in transit."""
 
 import os
 
 import pytest
 
 from node.swarm.dht import start_dht
-from node.swarm.rpc import CHUNK_BYTES, PeerService, RpcError
+from node.swarm.rpc import CHUNK_BYTES, NotHeld, PeerService, Refused, RpcError
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+class ServerUnderTest(PeerService):
+    """Counts the requests it gets; with ``cut`` set its answers lose their final chunk, as they do when
+    the connection closes mid-stream (hivemind then ends the stream quietly)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requests, self.cut = 0, False
+
+    async def _serve(self, request, context):
+        self.requests += 1
+        async for reply in super()._serve(request, context):
+            if self.cut and reply.last:
+                return
+            yield reply
 
 
 @pytest.fixture
@@ -18,7 +35,7 @@ def two_peers():
         dhts.append(first)
         second = start_dht([str(m) for m in first.get_visible_maddrs()], host_maddrs=LOOPBACK, retries=1)
         dhts.append(second)
-        server = PeerService(first, "run", history=2, is_admitted=lambda peer: peer == str(second.peer_id)).start()
+        server = ServerUnderTest(first, "run", history=2, is_admitted=lambda peer: peer == str(second.peer_id)).start()
         services.append(server)
         client = PeerService(second, "run", history=2, is_admitted=lambda peer: False).start()
         services.append(client)
@@ -49,3 +66,35 @@ def test_a_peer_serves_what_it_kept_for_its_last_rounds_only_to_admitted_peers(t
     client.keep(5, "contribution", [b"mine"])
     with pytest.raises(RpcError, match="not admitted to this run"):  # the client admits nobody
         server.fetch(client.peer_id, 5, "contribution", timeout=20)
+
+
+def test_a_round_out_of_the_window_is_told_apart_from_one_never_kept(two_peers):
+    server, client = two_peers  # the server keeps 2 rounds
+    for round_ in (1, 2, 3):
+        server.keep(round_, "contribution", [b"record"], b"")
+
+    with pytest.raises(NotHeld) as late:
+        client.fetch(server.peer_id, 1, "contribution", timeout=20)
+    assert late.value.held_rounds == [2, 3] and late.value.evicted(history=2)
+    assert not late.value.evicted(history=3)  # a window of 3 would still hold round 1: never kept
+    with pytest.raises(NotHeld) as skipped:
+        client.fetch(server.peer_id, 2, "bindings", timeout=20)
+    assert not skipped.value.evicted(history=2)  # inside the window: the peer did not keep it
+    assert server.requests == 2  # refusals are answers: not asked again
+
+
+def test_an_answer_cut_off_in_transit_is_asked_again_and_never_read_as_a_short_answer(two_peers):
+    server, client = two_peers
+    server.keep(1, "contribution", [b"record"], b"")
+    server.keep(2, "contribution", [b"record"], os.urandom(2 * CHUNK_BYTES + 1))
+    server.cut = True
+
+    with pytest.raises(RpcError, match=r"cut off after 0 chunks \(0 bytes\) \(after 3 attempts\)") as empty:
+        client.fetch(server.peer_id, 1, "contribution", timeout=20)
+    assert not isinstance(empty.value, Refused) and server.requests == 3
+    with pytest.raises(RpcError, match=rf"cut off after 2 chunks \({2 * CHUNK_BYTES + len(b'record')} bytes\)"):
+        client.fetch(server.peer_id, 2, "contribution", timeout=20, attempts=2)
+    assert server.requests == 5
+
+    server.cut = False  # the connection recovers: the next attempt reads the whole answer
+    assert client.fetch(server.peer_id, 1, "contribution", timeout=20) == ([b"record"], b"")
