@@ -35,6 +35,11 @@ BAN_TIMEOUT = 90.0
 CONFIG = load_config(overrides=[*SWARM_TEST_SETTINGS, "run.rounds=1000", "swarm.max_failed_rounds=1000"])
 
 
+def peer_id_of(node) -> str:
+    """A node's libp2p peer id, from the identity it keeps in its folder."""
+    return P2PIdentity.load_or_create(node.out_dir / "p2p.id").peer_id
+
+
 def describe(swarm: LocalSwarm) -> str:
     """What a timed-out wait reports: the honest nodes', the verifier's and a running attacker's process
     state, last rounds and log tail."""
@@ -46,7 +51,7 @@ def describe(swarm: LocalSwarm) -> str:
         last = [(r["round"], r["stepped"], r.get("group_size"), r.get("reason", "")[:60], r.get("sync"))
                 for r in records[-3:]]
         log = (node.out_dir / "node.log").read_text(errors="replace").splitlines()
-        lines += [f"\n{node.name} ({state}), {len(records)} rounds, last {last}",
+        lines += [f"\n{node.name} {peer_id_of(node)} ({state}), {len(records)} rounds, last {last}",
                   *(f"    {line[:200]}" for line in log[-8:])]
     return "".join(f"{line}\n" for line in lines)
 
@@ -174,7 +179,7 @@ def test_honest_peers_are_never_flagged_and_the_reward_stays_close_to_a_clean_ru
     audited = [v for v in outcomes["verdicts"] if v["peer"] not in attackers]
     assert len(audited) >= 50
     for peer in swarm.nodes[:HONEST]:
-        assert not outcomes["ledger"][P2PIdentity.load_or_create(peer.out_dir / "p2p.id").peer_id].banned
+        assert not outcomes["ledger"][peer_id_of(peer)].banned
 
     def mean_reward(runs):  # over the first CLEAN_ROUNDS rounds the peers stepped
         rewards = {}
@@ -204,9 +209,9 @@ def test_the_dashboard_of_the_live_run_shows_its_rounds_and_its_bans(attacked):
     peers = dom.find("table", id="peers")
     assert len(peers.find_all("tr", data_state="banned")) == len(ATTACKS)
     for node in swarm.nodes[:HONEST]:  # where each honest peer's DHT listens
-        row = peers.find("tr", data_peer_id=P2PIdentity.load_or_create(node.out_dir / "p2p.id").peer_id)
+        row = peers.find("tr", data_peer_id=peer_id_of(node))
         assert row.find("td", **{"class": "address"}).text.startswith("/ip4/127.0.0.1/tcp/")
-    verifier = outcomes["ledger"][P2PIdentity.load_or_create(swarm.verifiers[0].out_dir / "p2p.id").peer_id]
+    verifier = outcomes["ledger"][peer_id_of(swarm.verifiers[0])]
     assert verifier.round > 0  # the latest round it audited
     assert outcomes["screenshot"].stat().st_size > 10_000
 
