@@ -3,8 +3,12 @@
 Four peers train; at round 3 one is killed with SIGKILL in the middle of its work, at
 round 5 another is frozen with SIGSTOP, and a fifth peer joins late. The survivors and
 the late joiner must finish every round without crashing or hanging, never step on a
-partial average, and hold the same model (equal digests) after every round they share;
-the late joiner must start from the swarm's current state, not from θ_0.
+partial average, and end on the same model; the late joiner must start from the swarm's
+current state, not from θ_0.
+
+With four or more peers matchmaking can split a round into two groups under load, and the
+groups' averages differ: the model forks. A fork must heal: of the branches, all but one
+resync (outvoted or behind) before they step again.
 """
 
 import os
@@ -45,20 +49,45 @@ def faulty_run(tmp_path_factory):
     return killed, frozen, finishers
 
 
+def branches_that_went_on(nodes) -> dict[int, dict[str, list[str]]]:
+    """{round: {model digest after it: names of the nodes that stepped it so and went on stepping from that
+    model}}. A node leaves its branch when it resyncs: after the step itself, or after a failed attempt
+    before its next step."""
+    found: dict[int, dict[str, list[str]]] = {}
+    for node in nodes:
+        records = node.train_records()
+        for i, record in enumerate(records):
+            if not record["stepped"]:
+                continue
+            went_on = True
+            for later in records[i:]:
+                if later is not record and later["stepped"]:
+                    break
+                if later["sync"].startswith("resynced"):
+                    went_on = False
+                    break
+            names = found.setdefault(record["round"], {}).setdefault(record["model_digest"], [])
+            if went_on:
+                names.append(node.name)
+    return found
+
+
 @pytest.mark.slow
 def test_survivors_and_late_joiner_finish_in_agreement(faulty_run):
     killed, frozen, finishers = faulty_run
     assert [n.process.returncode for n in finishers] == [0] * len(finishers)
-    digests: dict[int, set] = {}
     finals = set()
     for node in finishers:
         last = node.records()[-1]  # the final model, evaluated (a peer may have resynced into it)
         assert (last["kind"], last["round"]) == ("eval", ROUNDS)
         finals.add(last["accuracy"])
-        for record in node.stepped_records():
-            digests.setdefault(record["round"], set()).add(record["model_digest"])
-    assert all(len(found) == 1 for found in digests.values()), digests
     assert len(finals) == 1  # the same final model
+    forks = {round_: {digest[:12]: names for digest, names in branches.items()}
+             for round_, branches in branches_that_went_on(finishers).items() if len(branches) > 1}
+    unhealed = {round_: branches for round_, branches in forks.items()
+                if sum(bool(names) for names in branches.values()) > 1}
+    print(f"forks (round: digest: nodes that went on from it): {forks}")
+    assert unhealed == {}
 
 
 @pytest.mark.slow
