@@ -11,6 +11,7 @@ groups' averages differ: the model forks. A fork must heal: of the branches, all
 resync (outvoted or behind) before they step again.
 """
 
+import itertools
 import os
 import signal
 import time
@@ -59,13 +60,8 @@ def branches_that_went_on(nodes) -> dict[int, dict[str, list[str]]]:
         for i, record in enumerate(records):
             if not record["stepped"]:
                 continue
-            went_on = True
-            for later in records[i:]:
-                if later is not record and later["stepped"]:
-                    break
-                if later["sync"].startswith("resynced"):
-                    went_on = False
-                    break
+            failed_after = itertools.takewhile(lambda later: not later["stepped"], records[i + 1:])
+            went_on = not any(r["sync"].startswith("resynced") for r in [record, *failed_after])
             names = found.setdefault(record["round"], {}).setdefault(record["model_digest"], [])
             if went_on:
                 names.append(node.name)
