@@ -1,11 +1,11 @@
 """The coordinator's checkpoints: every ``checkpoint.every`` rounds, take the state from peers and save it.
 
 The coordinator holds no model of its own while the run goes: it downloads the state peers serve to
-joiners (node/peer.py ``SwarmPeer.state``: parameters, optimizer tensors, round) as a client-mode
-averager, loads it into a scratch copy of the run's model and writes node.checkpoint's safetensors
+joiners (node/train/state.py: parameters, optimizer tensors, round) as a client-mode
+averager, loads it into a scratch copy of the run's model and writes node.train.checkpoint's safetensors
 format with the run config. A served state is untrusted: it is checked whole before anything is copied
-(``load_peer_state``), and refused when peers at the same round publish a different model digest.
-A new peer starts from a checkpoint with ``node.checkpoint.load_checkpoint``.
+(``load_served_state``), and refused when peers at the same round publish a different model digest.
+A new peer starts from a checkpoint with ``node.train.checkpoint.load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from node.checkpoint import StateError, latest_checkpoint, load_peer_state, read_checkpoint, save_checkpoint
-from node.digest import model_digest
+from node.swarm.averaging import RoundAverager
+from node.swarm.progress import published_progress
+from node.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from node.train.learner import Learner
+from node.train.models import Policy
+from node.train.state import StateError, load_served_state
+from node.train.warm_start import warm_started_policy
 from protocol.config import RunConfig
-from protocol.keys import averaging_prefix
+from protocol.digest import model_digest
+from protocol.tasks import load_task
 
 logger = logging.getLogger(__name__)
 
@@ -38,26 +44,16 @@ def due_round(last_saved: int, config: RunConfig) -> int:
 
 def progress_digests(dht, run_id: str, round_: int) -> set[str]:
     """Model digests that live peers publish for ``round_``."""
-    from node.peer import published_progress
-
-    return {p["digest"] for p in published_progress(dht, run_id).values()
-            if p.get("round") == round_ and "digest" in p}
+    return {p.digest for p in published_progress(dht, run_id).values() if p.round == round_}
 
 
-def scratch_model(dht, config: RunConfig):
+def scratch_model(dht, config: RunConfig) -> tuple[Policy, Learner, RoundAverager]:
     """The run's policy and learner as SwarmPeer builds them (with LoRA, the frozen base comes from the warm
     start), and a client-mode averager of the same tensors to download peers' state with."""
-    from node.learner import Learner
-    from node.swarm.allreduce import GradientAverager
-    from node.warm_start import warm_started_policy
-    from protocol.tasks import load_task
-
     task = load_task(config.task.name, config.task.options)
     policy = warm_started_policy(config, task)
     learner = Learner(policy, config, task)
-    averager = GradientAverager(dht, [tuple(p.shape) for p in learner.params], prefix=averaging_prefix(config.run.id),
-                                client_mode=True, matchmaking_time=config.swarm.matchmaking_time)
-    return policy, learner, averager
+    return policy, learner, RoundAverager.for_run(dht, config, learner.params, client_mode=True)
 
 
 class Checkpointer:
@@ -124,7 +120,7 @@ class Checkpointer:
         if served is None:
             logger.info("no peer served its state")
             return None
-        round_ = load_peer_state(self.learner.params, self.learner.optimizer, *served)
+        round_ = load_served_state(self.learner.params, self.learner.optimizer, *served)
         if round_ <= self.last_saved:
             return None
         digest = model_digest(self.policy.model)

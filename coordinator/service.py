@@ -32,8 +32,14 @@ from google.protobuf.message import Message
 
 from coordinator.ledger import Ledger, ReplayedRecord
 from protocol import swarm_pb2, swarm_pb2_grpc
-from protocol.identity import (SigningKey, binding_bytes, fingerprint, hivemind_public_key, peer_id_from_public_der,
-                               verify_p2p)
+from protocol.identity import (
+    SigningKey,
+    binding_bytes,
+    fingerprint,
+    hivemind_public_key,
+    peer_id_from_public_der,
+    verify_p2p,
+)
 from protocol.records import RecordError, check_signature, open_record
 from protocol.tokens import TokenError, check_token, issue_token
 

@@ -1,16 +1,7 @@
-"""The errors a user can cause (as opposed to bugs): the CLI reports them in one line."""
+"""Errors shown to volunteers and written into outcomes: one line each."""
 
-from coordinator.dashboard import DashboardError
-from coordinator.ledger import LedgerError
-from coordinator.server import ServeError
-from node.checkpoint import CheckpointError
-from node.coordinator_client import CoordinatorError
-from node.join import SwarmStalled
-from node.models import ModelLoadError
-from node.swarm.dht import SwarmJoinError
-from protocol.config import ConfigError
-from protocol.identity import IdentityError
-from protocol.tasks import TaskError
 
-EXPECTED_ERRORS = (ConfigError, ModelLoadError, TaskError, CheckpointError, SwarmJoinError, SwarmStalled,
-                   IdentityError, LedgerError, CoordinatorError, ServeError, DashboardError)
+def one_line(error: BaseException) -> str:
+    """``Type: message`` on a single line (hivemind messages often embed newlines and Go logs)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

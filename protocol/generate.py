@@ -17,9 +17,8 @@ OUTPUTS = ("protocol/swarm_pb2.py", "protocol/swarm_pb2_grpc.py")
 
 def generate(out_dir: Path = ROOT) -> list[Path]:
     """Compile the proto into ``out_dir`` (the repository root by default); returns the written files."""
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     code = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"-I{include}", f"--python_out={out_dir}",

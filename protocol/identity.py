@@ -48,7 +48,8 @@ class SigningKey:
         try:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except FileNotFoundError:
-            raise IdentityError(f"{path}: no such key file (create one with `grpo-swarm keygen --out {path}`)") from None
+            raise IdentityError(f"{path}: no such key file (create one with `grpo-swarm keygen --out {path}`)") \
+                from None
         except (ValueError, TypeError) as e:
             raise IdentityError(f"{path}: not a PEM private key ({e})") from None
         if not isinstance(key, ed25519.Ed25519PrivateKey):

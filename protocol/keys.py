@@ -15,7 +15,7 @@ def averaging_prefix(run_id: str) -> str:
 
 
 def progress_key(run_id: str) -> str:
-    """subkey peer id: {round, digest} after each round (node/peer.py)."""
+    """subkey peer id: {round, digest} after each round (node/peer/swarm_peer.py)."""
     return f"{run_id}.progress"
 
 

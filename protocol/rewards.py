@@ -59,6 +59,6 @@ def score(functions: list[RewardFunction], questions: list[Question],
     """
     if len(questions) != len(completions):
         raise ValueError(f"{len(questions)} questions for {len(completions)} completions")
-    values = {f.name: [float(f.fn(q, c)) for q, c in zip(questions, completions)] for f in functions}
+    values = {f.name: [float(f.fn(q, c)) for q, c in zip(questions, completions, strict=True)] for f in functions}
     totals = [sum(f.weight * values[f.name][k] for f in functions) for k in range(len(completions))]
     return totals, values

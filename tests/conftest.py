@@ -1,12 +1,12 @@
-"""Test-wide settings: a private GRPO_SWARM_HOME and no hub traffic; the clean local swarm run that
-the swarm-training and the adversarial tests share."""
+"""Test-wide settings: a private GRPO_SWARM_HOME (shared by the processes a test starts) and no hub traffic.
+
+tests/unit: fast tests in one process. tests/system: real processes (DHTs, averagers, coordinators, nodes,
+chromium) on 127.0.0.1, each stopped by the test that started it.
+"""
 
 import os
 
 import pytest
-from rich.console import Console
-
-from protocol.config import load_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -19,19 +19,3 @@ def swarm_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("grpo-swarm-home")
     os.environ["GRPO_SWARM_HOME"] = str(home)
     return home
-
-
-CLEAN_PEERS, CLEAN_ROUNDS = 3, 30
-# The settings every swarm scenario runs with (the adversarial tests add attackers to the same swarm).
-SWARM_TEST_SETTINGS = ["eval.every=15", "swarm.matchmaking_time=2", "swarm.linger=0"]
-
-
-@pytest.fixture(scope="session")
-def clean_swarm(tmp_path_factory):
-    """``grpo-swarm simulate``: a coordinator, 3 nodes and a verifier, CLEAN_ROUNDS rounds, no attacker."""
-    from coordinator.simulate import simulate
-
-    out = tmp_path_factory.mktemp("clean-swarm")
-    config = load_config(overrides=[f"run.rounds={CLEAN_ROUNDS}", *SWARM_TEST_SETTINGS])
-    nodes = simulate(config, CLEAN_PEERS, out, console=Console(quiet=True), timeout=900)
-    return nodes, out

@@ -1,13 +1,8 @@
-"""``grpo-swarm bench <name>``: each benchmark is a function of the parsed CLI args."""
+"""Benchmarks (``grpo-swarm bench ...``): tables with ratios against a baseline measured in the same run.
 
-from __future__ import annotations
-
-from node.bench import grpo, verifier
-from node.swarm import bench_allreduce, bench_trust
-
-BENCHES = {"grpo": grpo.run, "allreduce": bench_allreduce.run_from_args, "verifier": verifier.run,
-           "trust": bench_trust.run_from_args}
-
-
-def run_bench(args):
-    return BENCHES[args.bench](args)
+- grpo.py: rollout tokens/s and GRPO step time next to TRL's GRPOTrainer;
+- allreduce.py: the all-reduce among local peer processes next to the loopback bound;
+- trust.py: binding error per compression, and how far one bad sender moves the average;
+- verifier.py: an audit's cost next to the contribution's, false positives, and the attack catalogue
+  (attacks.py, shared with the adversarial system test) caught offline.
+"""

@@ -8,7 +8,7 @@ both alike. Each side runs one warm-up round and then ``repeats`` measured round
 on new prompts; the table shows each row's best round (on a shared machine the
 least disturbed one: other processes only ever add time). What is timed:
 
-- rollout: ours ``node.rollouts.generate``; TRL ``GRPOTrainer._generate``
+- rollout: ours ``node.train.rollouts.generate``; TRL ``GRPOTrainer._generate``
   (tokenize, ``model.generate``, decode). Tokens/s counts the completion tokens
   actually sampled (up to and including EOS) the same way on both sides, so an
   early EOS flatters neither.
@@ -41,10 +41,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from node.learner import Learner
-from node.models import Policy, load_policy
-from node.rollouts import generate
-from protocol.config import ConfigError, RunConfig, load_config
+from node.train.learner import Learner
+from node.train.models import Policy, load_policy
+from node.train.rollouts import generate
+from protocol.config import ConfigError, RunConfig
 from protocol.rewards import reward_functions
 from protocol.tasks import Question, Task, load_task
 
@@ -71,7 +71,7 @@ class Timings:
 
 # (row label, value of one side, higher is better)
 ROWS = [
-    ("rollout tokens/s", lambda t: max(n / s for n, s in zip(t.tokens, t.rollout_s)), True),
+    ("rollout tokens/s", lambda t: max(n / s for n, s in zip(t.tokens, t.rollout_s, strict=True)), True),
     ("rollout s per batch", lambda t: min(t.rollout_s), False),
     ("GRPO step s (gradient + apply)", lambda t: min(t.step_s), False),
     ("round s (rollouts, rewards, step)", lambda t: min(t.round_s), False),
@@ -146,8 +146,9 @@ class Ours:
         if warm_up:
             self.memory.start()
         start = time.perf_counter()
-        rollouts = generate(policy.model, policy.tokenizer, policy.render([q.prompt for q in questions]), rollout.group_size,
-                            rollout.max_new_tokens, rollout.temperature, rollout.top_p, generator=self.generator)
+        rollouts = generate(policy.model, policy.tokenizer, policy.render([q.prompt for q in questions]),
+                            rollout.group_size, rollout.max_new_tokens, rollout.temperature, rollout.top_p,
+                            generator=self.generator)
         generated = time.perf_counter()
         batch = self.learner.collect(questions, self.generator)
         collected = time.perf_counter()
@@ -170,7 +171,7 @@ def trl_prompt(tokenizer, prompt: str) -> str:
 def trl_reward(function, task: Task):
     """Our reward function in TRL's signature: dataset columns arrive as keyword lists."""
     def reward(completions, index, **_):
-        return [function.fn(task.question(i), c) for i, c in zip(index, completions)]
+        return [function.fn(task.question(i), c) for i, c in zip(index, completions, strict=True)]
 
     reward.__name__ = function.name
     return reward
@@ -279,20 +280,19 @@ def results_table(results: dict[str, Timings]) -> Table:
     return table
 
 
-def run(args) -> dict[str, Timings]:
-    console = Console()
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats: must be >= 1 (got {args.repeats})")
-    config = load_config(args.config, args.overrides)
+def run_grpo_bench(config: RunConfig, repeats: int, console: Console | None = None) -> dict[str, Timings]:
+    console = console or Console()
+    if repeats < 1:
+        raise ConfigError(f"--repeats: must be >= 1 (got {repeats})")
     task = load_task(config.task.name, config.task.options)
-    blocks = prompt_blocks(config, task, args.repeats)
+    blocks = prompt_blocks(config, task, repeats)
     try:
         import trl
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
     policy = load_policy(config.model, config.run.seed)
-    console.print(settings_line(config, policy, args.repeats, trl_version))
+    console.print(settings_line(config, policy, repeats, trl_version))
     ours = Ours(policy, config, task)
     results = {"ours": ours.timings}
     if trl_version:

@@ -1,60 +1,72 @@
 """``grpo-swarm bench verifier``: what an audit costs next to the contribution it audits, and what it catches.
 
-One process plays a contributor and a verifier, each with its own copy of the run's θ_0 (the
-configured model after its cached warm start). Round r is contributed by peer ``r mod peers``:
-the contributor samples its shard, computes the gradient with the unit sketches and builds the
-contribution (timed together: the contributor's cost); the verifier audits it (timed: the audit's
-cost, with its model digest computed once per round outside the timing, as a peer keeps it);
-then both step on that gradient, so every round audits a new θ_r. Medians over the rounds.
+One process plays the trainers and a verifier, each with its own copy of the run's θ_0 (the configured
+model after its cached warm start). Round r is contributed by peer ``r mod peers``, an honest
+TrainerDecisions (node/peer/trainer.py) on the contributor's model: it samples its shard, computes the
+gradient with the unit sketches and builds and signs the contribution (timed together: the
+contributor's cost). What it sends into the all-reduce is reduced offline by the real reducer
+(node/swarm/hivemind/offline.py), whose binding reports go to the verifier with the served contribution. The
+verifier then decides, as the swarm's verifier does (node/verify/judge.py; timed: the audit's cost, with
+its model digest computed once per round outside the timing, as a peer keeps it). Then both step on that
+gradient, so every round audits a new θ_r. Medians over the rounds.
 
-The honest rounds give the false-positive count and the distributions behind the [trust]
-tolerances. Then each attack in ``ATTACKS`` is built from the last honest round, at the function
-level (the signature, token and replay layers are the swarm's, tested there), and audited.
+The honest rounds give the false-positive count and the distributions behind the [trust] tolerances.
+Then every attack of the catalogue (attacks.py) plays two rounds at the last θ_r as its own peer, and the
+first verdict that fails must name the attack's check.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Optional
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from node.audit import AuditReport, audit_report, tolerances
-from node.contribution import make_contribution
-from node.digest import model_digest
-from node.grpo import group_advantages
-from node.learner import Gradient, Learner, ScoredBatch
-from node.logprobs import completion_logits, token_logps
-from node.models import Policy, load_policy
-from node.rollouts import completion_mask_for, encode_completions
-from node.solo import round_generator, shard_batch
-from node.warm_start import warm_started_policy
+from node.bench.attacks import ATTACKS, Attack, attacking
+from node.peer.trainer import ServedContribution, TrainerDecisions
+from node.swarm.hivemind.offline import simulate_allreduce
+from node.swarm.hivemind.reducer import ReduceRules
+from node.train.learner import Gradient, Learner, ScoredBatch
+from node.train.models import Policy
+from node.train.warm_start import warm_started_policy
+from node.verify.audit import AuditReport
+from node.verify.judge import judge_contribution
+from node.verify.tolerances import tolerances
 from protocol import swarm_pb2
-from protocol.config import ConfigError, RunConfig, load_config
+from protocol.config import ConfigError, RunConfig
+from protocol.digest import model_digest
+from protocol.identity import SigningKey
+from protocol.records import ReplayGuard
 from protocol.sketch import sketch_seed
 from protocol.tasks import Task, load_task
 
-Commitment = tuple[swarm_pb2.Contribution, bytes, str]  # (body, bundle, the peer id that signs it)
+REDUCERS = 3  # reducers of the offline all-reduce that report what a trainer sent
+ATTACK_ROUNDS = 2  # an attack must be caught within this many rounds
 
 
 @dataclass
-class Honest:
-    """One honest round's contribution: what the attacks start from."""
+class Played:
+    """What a trainer did in one round: the evidence a verifier gets, and what it computed."""
 
     round: int
-    peer_id: str
+    served: ServedContribution  # the signed contribution record(s) and the rollout bundle
+    parts: list[swarm_pb2.PartSketch]  # the reducers' reports of what it sent
     batch: ScoredBatch
-    gradient: Gradient
-    body: swarm_pb2.Contribution
-    bundle: bytes
+    gradient: Gradient  # the gradient it committed to
+    body: swarm_pb2.Contribution  # the commitment it made (what it serves may differ)
+
+
+@dataclass
+class AttackResult:
+    report: Optional[AuditReport]  # the first failing one, else the last round's (None: no judgement)
+    round: int
 
 
 @dataclass
@@ -66,7 +78,7 @@ class Results:
     audit_s: list[float] = field(default_factory=list)
     digest_s: list[float] = field(default_factory=list)
     honest: list[AuditReport] = field(default_factory=list)
-    attacks: dict[str, AuditReport] = field(default_factory=dict)
+    attacks: dict[str, AttackResult] = field(default_factory=dict)
 
     @property
     def false_positives(self) -> int:
@@ -77,32 +89,61 @@ class Results:
         return statistics.median(self.audit_s) / statistics.median(self.contributor_s)
 
 
-class VerifierBench:
-    """A contributor and a verifier on copies of one model, stepping together."""
+class BenchTrainer(TrainerDecisions):
+    """A trainer of the bench: the contributor's model, its own peer id and key."""
 
-    def __init__(self, config: RunConfig, task: Task, policy: Policy):
+    def __init__(self, bench: "VerifierBench", peer_id: str):
+        self.bench, self.peer_id = bench, peer_id
+        self.config, self.task, self.learner = bench.config, bench.task, bench.contributor
+        self.key = bench.key_of(peer_id)
+
+    @property
+    def digest(self) -> str:
+        return self.bench.digest
+
+    def others_contributions(self, r: int):
+        for peer_id in self.bench.honest_peers:
+            if peer_id != self.peer_id:
+                yield peer_id, self.bench.honest_contribution(r, peer_id)
+
+
+class VerifierBench:
+    """Trainers and a verifier on copies of one model, stepping together."""
+
+    def __init__(self, config: RunConfig, task: Task, policy: Policy, peers: int = 4):
         self.config, self.task = config, task
         self.contributor = Learner(policy, config, task)
         self.verifier = Learner(dataclasses.replace(policy, model=copy.deepcopy(policy.model)), config, task)
-        self._other_model: Learner | None = None
         self.rng = random.Random(config.run.seed)
         self.digest = model_digest(policy.model)
+        self.honest_peers = [f"peer-{k}" for k in range(peers)]
+        self.total_length = sum(p.numel() for p in self.contributor.params)
+        self._keys: dict[str, SigningKey] = {}
+        self._honest: dict[tuple[str, int, str], ServedContribution] = {}  # (θ digest, round, peer) -> served
 
-    @property
-    def other_model(self) -> Learner:
-        """Another model: the tiny preset from another random init; a hub model without the run's training."""
-        if self._other_model is None:
-            self._other_model = Learner(load_policy(self.config.model, self.config.run.seed + 1), self.config,
-                                        self.task)
-        return self._other_model
+    def key_of(self, peer_id: str) -> SigningKey:
+        """The key a peer registered (its token binds it to the peer id)."""
+        return self._keys.setdefault(peer_id, SigningKey())
 
-    def contribute(self, round_: int, peer_id: str, results: Results | None = None) -> Honest:
+    def trainer(self, peer_id: str, attack: Optional[type[Attack]] = None) -> TrainerDecisions:
+        return (BenchTrainer if attack is None else attacking(attack, BenchTrainer))(self, peer_id)
+
+    def honest_contribution(self, r: int, peer_id: str) -> ServedContribution:
+        """What honest ``peer_id`` serves for round ``r`` at the current θ (made once)."""
+        key = (self.digest, r, peer_id)
+        if key not in self._honest:
+            self._honest[key] = self.play(self.trainer(peer_id), r).served
+        return self._honest[key]
+
+    def play(self, trainer: TrainerDecisions, r: int, results: Optional[Results] = None) -> Played:
+        """Round ``r`` of ``trainer``: its decisions, and the reducers' reports of what it sent."""
         start = time.perf_counter()
-        batch = shard_batch(self.contributor, self.config, self.task, round_, peer_id)
+        batch = trainer.sample_batch(r)
         collected = time.perf_counter()
-        gradient = self.contributor.gradient(batch, 0, sketch_seed(self.config.run.seed, round_))
+        gradient = trainer.committed_gradient(r, batch)
         computed = time.perf_counter()
-        body, bundle = make_contribution(self.config, round_, peer_id, batch, gradient, self.digest)
+        body, bundle = trainer.contribution(r, batch, gradient)
+        served = trainer.served_contribution(r, body, bundle)
         if results is not None:
             done = time.perf_counter()
             results.collect_s.append(collected - start)
@@ -110,16 +151,41 @@ class VerifierBench:
             results.contributor_s.append(done - start)
             self.contributor.gradient(batch)
             results.plain_gradient_s.append(time.perf_counter() - done)
-        return Honest(round_, peer_id, batch, gradient, body, bundle)
+        tensors, weight = trainer.outgoing(gradient)
+        return Played(r, served, self.reported_parts(trainer.peer_id, tensors, weight, r), batch, gradient, body)
 
-    def audit(self, honest: Honest, commitment: Commitment, results: Results | None = None) -> AuditReport:
-        body, bundle, signer = commitment
+    def reported_parts(self, peer_id: str, tensors: list[torch.Tensor], weight: float,
+                       r: int) -> list[swarm_pb2.PartSketch]:
+        """What REDUCERS reducers report ``peer_id`` sent them (the offline all-reduce's real reducer)."""
+        rules = ReduceRules(sketch_seed=sketch_seed(self.config.run.seed, r),
+                            max_weight=BenchTrainer(self, peer_id).max_weight)
+        senders = [[t.detach() for t in tensors]] * REDUCERS
+        _, reports = simulate_allreduce(senders, [weight] * REDUCERS, rules)
+        parts = [report["0"] for report in reports if "0" in report]
+        for part in parts:
+            part.sender = peer_id
+        return parts
+
+    def judge(self, peer_id: str, played: Played, replay: ReplayGuard,
+              results: Optional[Results] = None) -> Optional[AuditReport]:
+        records, bundle = played.served
         start = time.perf_counter()
-        report = audit_report(self.config, self.task, self.verifier, body, bundle, honest.round, signer, self.rng,
-                              model_digest=self.digest)
+        report = judge_contribution(self.config, self.task, self.verifier, peer_id=peer_id, round_=played.round,
+                                    records=records, bundle=bundle, parts=played.parts,
+                                    bound_key=self.key_of(peer_id).public_key, replay=replay, rng=self.rng,
+                                    model_digest=self.digest, total_length=self.total_length)
         if results is not None:
             results.audit_s.append(time.perf_counter() - start)
         return report
+
+    def attack(self, name: str, first_round: int) -> AttackResult:
+        """Rounds ``first_round``.. of the attack as peer "attacker": the first failing verdict, if any."""
+        trainer, replay, report = self.trainer("attacker", ATTACKS[name]), ReplayGuard(), None
+        for r in range(first_round, first_round + ATTACK_ROUNDS):
+            report = self.judge("attacker", self.play(trainer, r), replay)
+            if report is not None and not report.passed:
+                return AttackResult(report, r)
+        return AttackResult(report, first_round + ATTACK_ROUNDS - 1)
 
     def step(self, gradient: Gradient, results: Results) -> None:
         """Both to θ_{r+1}, as the swarm's agreed step (each on its own copy: ``apply`` clips in place)."""
@@ -131,166 +197,36 @@ class VerifierBench:
         if model_digest(self.contributor.policy.model) != self.digest:
             raise RuntimeError("the verifier's model left the contributor's after the same step")
 
-    def commit(self, honest: Honest, batch: ScoredBatch, gradient: Gradient | None = None,
-               peer_id: str | None = None) -> Commitment:
-        """A contribution of ``batch`` in the honest round, its gradient computed under θ_r unless given."""
-        peer_id = peer_id or honest.peer_id
-        if gradient is None:
-            gradient = self.contributor.gradient(batch, 0, sketch_seed(self.config.run.seed, honest.round))
-        return (*make_contribution(self.config, honest.round, peer_id, batch, gradient, self.digest), peer_id)
-
-    def prefill_logps(self, batch: ScoredBatch) -> torch.Tensor:
-        """Log-probs of the batch's completion tokens under θ_r, as an attacker fixing them up computes them."""
-        r = batch.rollouts
-        with torch.no_grad():
-            logits = completion_logits(self.contributor.policy.model, r.prompt_ids, r.prompt_mask,
-                                       r.completion_ids, r.completion_mask)
-            return token_logps(logits, r.completion_ids, self.config.rollout.temperature) * r.completion_mask
-
-
-# ---- attacks: each returns what the attacker commits, and the check that must catch it -------------
-
-def cherry_picked(bench: VerifierBench, h: Honest) -> Commitment:
-    """Questions of the attacker's choosing (the first ones of the dataset), all else honest."""
-    questions = [bench.task.question(i) for i in range(bench.config.rollout.questions_per_peer)]
-    generator = round_generator(bench.config.run.seed, h.round, h.peer_id)
-    return bench.commit(h, bench.contributor.collect(questions, generator))
-
-
-def copied(bench: VerifierBench, h: Honest) -> Commitment:
-    """Another peer's contribution and bundle, published as the attacker's."""
-    return h.body, h.bundle, "attacker"
-
-
-def copied_renamed(bench: VerifierBench, h: Honest) -> Commitment:
-    """Another peer's rollouts, re-committed under the attacker's own peer id."""
-    return bench.commit(h, h.batch, h.gradient, peer_id="attacker")
-
-
-def fabricated_rewards(bench: VerifierBench, h: Honest) -> Commitment:
-    """Rewards inverted (1 - r), so the gradient pushes towards wrong answers."""
-    rewards = 1 - h.batch.rewards
-    advantages = group_advantages(rewards, bench.config.rollout.group_size, bench.config.grpo.scale_rewards)
-    return bench.commit(h, dataclasses.replace(h.batch, rewards=rewards, advantages=advantages))
-
-
-def other_model(bench: VerifierBench, h: Honest) -> Commitment:
-    """Completions sampled from another model (a different random init), with that model's log-probs."""
-    questions = h.batch.questions
-    batch = bench.other_model.collect(questions, round_generator(bench.config.run.seed, h.round, h.peer_id))
-    return bench.commit(h, batch)
-
-
-def other_model_prefilled(bench: VerifierBench, h: Honest) -> Commitment:
-    """Another model's completions with their log-probs recomputed under θ_r."""
-    questions = h.batch.questions
-    batch = bench.other_model.collect(questions, round_generator(bench.config.run.seed, h.round, h.peer_id))
-    rollouts = dataclasses.replace(batch.rollouts, sampling_logps=bench.prefill_logps(batch))
-    return bench.commit(h, dataclasses.replace(batch, rollouts=rollouts))
-
-
-def _edited(bench: VerifierBench, h: Honest) -> ScoredBatch:
-    """The first completion of every group replaced by the right answer after sampling, and re-scored."""
-    r, group = h.batch.rollouts, bench.config.rollout.group_size
-    tokenizer, device = bench.contributor.policy.tokenizer, bench.contributor.policy.device
-    edited = list(range(0, r.completion_ids.shape[0], group))
-    answers, _ = encode_completions(tokenizer, [h.batch.questions[row // group].answer for row in edited], device)
-    width = max(r.completion_ids.shape[1], answers.shape[1])
-    ids = torch.full((r.completion_ids.shape[0], width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    ids[:, :r.completion_ids.shape[1]] = r.completion_ids
-    ids[edited] = tokenizer.pad_token_id
-    ids[edited, :answers.shape[1]] = answers
-    mask = completion_mask_for(ids, tokenizer.eos_token_id)
-    logps = torch.zeros(ids.shape, dtype=r.sampling_logps.dtype, device=device)
-    logps[:, :r.completion_ids.shape[1]] = r.sampling_logps  # the sampled tokens' log-probs, kept
-    rollouts = dataclasses.replace(r, completion_ids=ids, completion_mask=mask, sampling_logps=logps * mask,
-                                   truncated=~(ids == tokenizer.eos_token_id).any(dim=1),
-                                   texts=tokenizer.batch_decode(ids, skip_special_tokens=True))
-    return bench.contributor.score_rollouts(h.batch.questions, rollouts)
-
-
-def edited_tokens(bench: VerifierBench, h: Honest) -> Commitment:
-    """Wrong answers edited into right ones after sampling, keeping the sampled log-probs."""
-    return bench.commit(h, _edited(bench, h))
-
-
-def edited_prefilled(bench: VerifierBench, h: Honest) -> Commitment:
-    """Edited answers with log-probs recomputed under θ_r: caught only when the edits are improbable."""
-    batch = _edited(bench, h)
-    rollouts = dataclasses.replace(batch.rollouts, sampling_logps=bench.prefill_logps(batch))
-    return bench.commit(h, dataclasses.replace(batch, rollouts=rollouts))
-
-
-def _rescaled(h: Honest, factor: float) -> Gradient:
-    return dataclasses.replace(h.gradient, tensors=[t * factor for t in h.gradient.tensors],
-                               unit_sketches=h.gradient.unit_sketches * factor)
-
-
-def scaled(bench: VerifierBench, h: Honest) -> Commitment:
-    """The gradient ×10, committed consistently (sketches and norm ×10)."""
-    return bench.commit(h, h.batch, _rescaled(h, 10.0))
-
-
-def sign_flipped(bench: VerifierBench, h: Honest) -> Commitment:
-    """The gradient negated, committed consistently."""
-    return bench.commit(h, h.batch, _rescaled(h, -1.0))
-
-
-def other_gradient(bench: VerifierBench, h: Honest) -> Commitment:
-    """Honest rollouts, but unit sketches and norm of another batch's gradient."""
-    other = shard_batch(bench.contributor, bench.config, bench.task, h.round + 1, h.peer_id)
-    gradient = bench.contributor.gradient(other, 0, h.gradient.sketch_seed)
-    return bench.commit(h, h.batch, dataclasses.replace(gradient, weight=h.gradient.weight))
-
-
-def inflated_tokens(bench: VerifierBench, h: Honest) -> Commitment:
-    """An honest contribution claiming twice its all-reduce weight."""
-    body = swarm_pb2.Contribution()
-    body.CopyFrom(h.body)
-    body.token_count *= 2
-    return body, h.bundle, h.peer_id
-
-
-ATTACKS: dict[str, tuple[Callable[[VerifierBench, Honest], Commitment], str]] = {
-    "cherry-picked questions": (cherry_picked, "shard"),
-    "copy of another peer's contribution": (copied, "shard"),
-    "another peer's rollouts, renamed": (copied_renamed, "shard"),
-    "fabricated rewards": (fabricated_rewards, "rewards"),
-    "inflated token count": (inflated_tokens, "token_count"),
-    "completions from another model": (other_model, "logprobs"),
-    "another model, log-probs recomputed": (other_model_prefilled, "surprisal"),
-    "tokens edited after sampling": (edited_tokens, "logprobs"),
-    "scaled gradient (x10)": (scaled, "sketch"),
-    "sign-flipped gradient": (sign_flipped, "sketch"),
-    "sketch of another gradient": (other_gradient, "sketch"),
-}
-# Informative, not guaranteed: edits to answers θ_r finds likely enough pass the surprisal test.
-PROBES = {"edited answers, log-probs recomputed": edited_prefilled}
-
-
-# ---- the run and its tables ------------------------------------------------------------------------
 
 def run_verifier_bench(config: RunConfig, contributions: int, peers: int, attacks: bool = True,
                        console: Console | None = None) -> Results:
     if contributions < 1:
         raise ConfigError(f"--contributions: must be >= 1 (got {contributions})")
-    if peers < 1:
-        raise ConfigError(f"--peers: must be >= 1 (got {peers})")
+    if peers < 2:
+        raise ConfigError(f"--peers: must be >= 2 (got {peers}): copying attacks need another trainer")
     console = console or Console()
     task = load_task(config.task.name, config.task.options)
     with console.status("warm start (cached after the first run)"):
-        bench = VerifierBench(config, task, warm_started_policy(config, task))
-    results = Results()
-    honest = None
-    for round_ in range(contributions):
-        honest = bench.contribute(round_, f"peer-{round_ % peers}", results)
-        results.honest.append(bench.audit(honest, (honest.body, honest.bundle, honest.peer_id), results))
-        if round_ < contributions - 1:  # the attacks start from the last round's θ_r
-            bench.step(honest.gradient, results)
+        bench = VerifierBench(config, task, warm_started_policy(config, task), peers)
+    results, replay = Results(), ReplayGuard()
+    for r in range(contributions):
+        peer_id = bench.honest_peers[r % peers]
+        played = bench.play(bench.trainer(peer_id), r, results)
+        results.honest.append(bench.judge(peer_id, played, replay, results))
+        if r < contributions - 1:  # the attacks start from the last round's θ_r
+            bench.step(played.gradient, results)
     if attacks:
-        for name, (attack, _) in {**ATTACKS, **{n: (p, "") for n, p in PROBES.items()}}.items():
-            results.attacks[name] = bench.audit(honest, attack(bench, honest))
+        for name in ATTACKS:
+            results.attacks[name] = bench.attack(name, contributions)
     return results
+
+
+def print_verifier_bench(results: Results, config: RunConfig, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(cost_table(results))
+    console.print(distribution_table(results, config))
+    if results.attacks:
+        console.print(attack_table(results))
 
 
 def _seconds(values: list[float]) -> str:
@@ -307,8 +243,8 @@ def cost_table(results: Results) -> Table:
         ("contributor: rollouts + rewards", results.collect_s),
         ("contributor: gradient + unit sketches", results.gradient_s),
         ("  (the same gradient without sketches)", results.plain_gradient_s),
-        ("contributor total (+ bundle, contribution)", results.contributor_s),
-        ("verifier: audit", results.audit_s),
+        ("contributor total (+ bundle, signed contribution)", results.contributor_s),
+        ("verifier: record, audit and binding checks", results.audit_s),
         ("verifier: model digest, once per round", results.digest_s),
     ]
     for label, values in rows:
@@ -329,39 +265,22 @@ def distribution_table(results: Results, config: RunConfig) -> Table:
               "sketch_deviation": f"<= {limit.sketch_noise_floor:g} or the two above",
               "grad_norm_ratio": f"1/{trust.grad_norm_factor:g}..{trust.grad_norm_factor:g}",
               "sketch_sum_error": "<= 1e-4"}
-    for name, limit in limits.items():
+    for name, bound in limits.items():
         values = sorted(r.stats[name] for r in results.honest if name in r.stats)
         if values:
-            table.add_row(name, f"{values[0]:.3g}", f"{statistics.median(values):.3g}", f"{values[-1]:.3g}", limit)
+            table.add_row(name, f"{values[0]:.3g}", f"{statistics.median(values):.3g}", f"{values[-1]:.3g}", bound)
     return table
 
 
 def attack_table(results: Results) -> Table:
-    table = Table(title="attacks (function level)")
-    for column in ("attack", "must fail", "failed", "evidence"):
+    table = Table(title=f"attacks (each {ATTACK_ROUNDS} rounds as its own peer; offline reducers)")
+    for column in ("attack", "must fail", "failed", "round", "evidence"):
         table.add_column(column)
-    expected = {name: check for name, (_, check) in ATTACKS.items()}
-    for name, report in results.attacks.items():
-        want = expected.get(name, "")
-        found = report.check or "passed"
-        mark = "" if not want else (" ✓" if report.check == want else " ✗")
-        table.add_row(name, want or "(probe)", found + mark, report.evidence if report.check or not want else "")
+    for name, result in results.attacks.items():
+        attack, report = ATTACKS[name], result.report
+        found = "no judgement" if report is None else (report.check or "passed")
+        mark = "" if attack.probe else (" ✓" if report is not None and report.check == attack.caught_by else " ✗")
+        want = f"{attack.caught_by} (probe)" if attack.probe else attack.caught_by
+        evidence = report.evidence if report is not None and report.check else ""
+        table.add_row(name, want, found + mark, str(result.round), evidence)
     return table
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--contributions", type=int, default=50, help="honest contributions to produce and audit")
-    parser.add_argument("--peers", type=int, default=4, help="peer ids the rounds cycle through")
-    parser.add_argument("--no-attacks", action="store_true", help="skip the attack variants")
-
-
-def run(args) -> Results:
-    """For the CLI: ``args`` has config, overrides, contributions, peers, no_attacks."""
-    console = Console()
-    config = load_config(args.config, args.overrides)
-    results = run_verifier_bench(config, args.contributions, args.peers, not args.no_attacks, console)
-    console.print(cost_table(results))
-    console.print(distribution_table(results, config))
-    if results.attacks:
-        console.print(attack_table(results))
-    return results

@@ -3,12 +3,11 @@
 Two doors, both keyed on the libp2p peer id that the p2p daemon authenticates:
 
 - DHT RPCs: hivemind's TokenAuthorizerBase signs every request and response with the peer's libp2p
-  RSA key and attaches an access token; ``SwarmAuthorizer`` accepts only tokens our coordinator
-  signed for this run, naming that same RSA key, and not banned. Our AccessToken travels inside
-  hivemind's (its ``signature`` field carries the whole serialized token).
+  RSA key and attaches an access token; ``SwarmAuthorizer`` (node/swarm/hivemind/authorizer.py) accepts
+  only tokens our coordinator signed for this run, naming that same RSA key, and not banned.
 - Averaging RPCs (which hivemind does not authorize): the averager admits the peer ids in
   ``Admission.admitted()``, built from the tokens peers publish under ``tokens_key(run)`` and the
-  coordinator's signed ban list under ``bans_key(run)`` (see node/swarm/averager.py).
+  coordinator's signed ban list under ``bans_key(run)`` (node/swarm/hivemind/averager.py).
 
 The authorizer lives in the DHT process; the host renews the token with the coordinator and pushes
 it (and the ban list) there with ``push_token`` / ``push_bans``. A token outlives a coordinator
@@ -22,7 +21,6 @@ the others' renewed tokens, or the newest ban list, under its own bytes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Iterable, Optional
@@ -30,11 +28,10 @@ from typing import Iterable, Optional
 import hivemind
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
-from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.serializer import MSGPackSerializer
 
 from node.swarm.dht import dht_get
+from node.swarm.hivemind.authorizer import SwarmAuthorizer, bans_installer, token_installer
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity
 from protocol.keys import bans_key, tokens_key
@@ -42,52 +39,8 @@ from protocol.records import RecordError, open_record, parse_record, sign_record
 from protocol.tokens import TokenError, check_token
 
 logger = logging.getLogger(__name__)
-REFRESH_FRACTION = 0.5  # the DHT process asks for the pushed token once half of its lifetime is gone
 BANS_LIFETIME = 3600.0
 EXPIRATION_SLACK = 1.0  # seconds a DHT expiration may exceed its token's or ban list's (float rounding)
-
-
-def wrap_token(token: swarm_pb2.AccessToken) -> HivemindToken:
-    return HivemindToken(username=token.peer_id, public_key=token.p2p_public_key,
-                         expiration_time=str(token.expires_at), signature=token.SerializeToString())
-
-
-def unwrap_token(wrapped: HivemindToken) -> swarm_pb2.AccessToken:
-    token = swarm_pb2.AccessToken.FromString(wrapped.signature)
-    if token.peer_id != wrapped.username or token.p2p_public_key != wrapped.public_key:
-        raise TokenError("hivemind token fields differ from the coordinator token inside it")
-    return token
-
-
-class SwarmAuthorizer(TokenAuthorizerBase):
-    """hivemind DHT authorizer admitting holders of a current, unbanned token of this run."""
-
-    def __init__(self, identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
-                 token: swarm_pb2.AccessToken):
-        super().__init__(local_private_key=identity.hivemind_key())
-        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
-        self.banned: frozenset[str] = frozenset()
-        self._pushed = token
-
-    def set_token(self, token: swarm_pb2.AccessToken) -> None:
-        self._pushed = token
-        self._local_access_token = None  # taken (and checked) on the next request
-
-    async def get_token(self) -> HivemindToken:
-        return wrap_token(self._pushed)
-
-    def is_token_valid(self, access_token: HivemindToken) -> bool:
-        try:
-            token = unwrap_token(access_token)
-            check_token(token, self.coordinator_public_key, run_id=self.run_id)
-        except (TokenError, ValueError) as e:
-            logger.debug(f"DHT request refused: {e}")
-            return False
-        return token.peer_id not in self.banned
-
-    def does_token_need_refreshing(self, access_token: HivemindToken) -> bool:
-        token = swarm_pb2.AccessToken.FromString(access_token.signature)
-        return time.time() > token.issued_at + REFRESH_FRACTION * (token.expires_at - token.issued_at)
 
 
 def read_token(data: bytes, coordinator_public_key: bytes, run_id: str, peer_id: str) -> swarm_pb2.AccessToken:
@@ -144,23 +97,15 @@ def dht_auth_kwargs(identity: P2PIdentity, coordinator_public_key: bytes, run_id
             "record_validators": [CoordinatorRecords(run_id, coordinator_public_key)]}
 
 
-async def _set_token(token_bytes: bytes, _dht, node) -> None:
-    node.protocol.authorizer.set_token(swarm_pb2.AccessToken.FromString(token_bytes))
-
-
-async def _set_banned(banned: tuple, _dht, node) -> None:
-    node.protocol.authorizer.banned = frozenset(banned)
-
-
 def push_token(dht: hivemind.DHT, token: swarm_pb2.AccessToken) -> None:
     """Hand a renewed token to the DHT process and publish it for the averagers of other peers."""
-    dht.run_coroutine(functools.partial(_set_token, token.SerializeToString()))
+    dht.run_coroutine(token_installer(token))
     dht.store(tokens_key(token.run_id), token.SerializeToString(), token.expires_at, subkey=token.peer_id,
               return_future=True)
 
 
 def push_bans(dht: hivemind.DHT, banned: Iterable[str]) -> None:
-    dht.run_coroutine(functools.partial(_set_banned, tuple(sorted(banned))))
+    dht.run_coroutine(bans_installer(banned))
 
 
 def publish_bans(dht: hivemind.DHT, coordinator_key, run_id: str, banned: Iterable[str]) -> None:

@@ -21,8 +21,8 @@ import hivemind
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.digest import tensors_digest
-from node.swarm.errors import one_line
+from node.errors import one_line
+from protocol.digest import tensors_digest
 
 POLL_INTERVAL = 0.1
 RECORD_LIFETIME = 120.0  # seconds; long enough for the slowest member to read, short enough to keep the DHT small

@@ -1,4 +1,4 @@
-"""Binding (DESIGN "Trust" 4): what a sender put into the all-reduce must be what it committed.
+"""Binding (docs/DESIGN.md "Trust" 4): what a sender put into the all-reduce must be what it committed.
 
 Every reducer sketches (protocol.sketch, the round's seed) each part it receives from each sender, as
 received (decompressed, before clipping or averaging), and reports per sender: the weight the sender
@@ -6,12 +6,13 @@ claimed, the flat range [offset, offset + length) of the gradient it received, a
 parts' sketches. The sketch is linear, so the reports of all reducers for one sender must cover the
 gradient exactly once and add up to the sketch the sender committed; ``check_binding`` checks that.
 
-Flat order: the tensors passed to GradientAverager.average, in order, each flattened (the order of
+Flat order: the tensors passed to RoundAverager.average, in order, each flattened (the order of
 protocol.sketch.sketch_tensors).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -20,27 +21,28 @@ import torch
 from protocol import swarm_pb2
 from protocol.sketch import relative_error
 
-# check_binding's reasons start with one of these words. WEIGHT and MISMATCH are evidence against the
-# sender (or a lying reducer: the reports are signed); INCONSISTENT means the reducers' reports contradict
-# each other, INCOMPLETE that some reducer reported nothing for part of the gradient (it may have failed).
-WEIGHT, INCONSISTENT, INCOMPLETE, MISMATCH = "weight", "inconsistent", "incomplete", "mismatch"
+
+class BindingKind(enum.StrEnum):
+    """What is wrong between a sender's commitment and the reducers' reports of what it sent."""
+
+    WEIGHT = "weight"  # a reducer saw another weight than the committed token count
+    INCONSISTENT = "inconsistent"  # the reducers' reports contradict each other (overlap, out of range)
+    INCOMPLETE = "incomplete"  # no reducer reported part of the gradient (it may have failed)
+    MISMATCH = "mismatch"  # the reported parts do not add up to the committed sketch
+
+    @property
+    def is_evidence(self) -> bool:
+        """Evidence against the sender (or a lying reducer: the reports are signed), not a reducer's failure."""
+        return self in (BindingKind.WEIGHT, BindingKind.MISMATCH)
 
 
-def part_offsets(tensors: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> list[int]:
-    """Where each part starts in the flat order of ``tensors``. hivemind's TensorPartContainer cuts parts
-    as views of each (contiguous) tensor's flat view, so a part starts where its data lies in its tensor."""
-    offsets = []
-    for part in parts:
-        start = 0
-        for tensor in tensors:
-            begin = tensor.data_ptr()
-            if tensor.numel() and begin <= part.data_ptr() < begin + tensor.numel() * tensor.element_size():
-                offsets.append(start + (part.data_ptr() - begin) // tensor.element_size())
-                break
-            start += tensor.numel()
-        else:
-            raise ValueError("a part is not a view of any of the tensors")
-    return offsets
+@dataclass(frozen=True)
+class BindingProblem:
+    kind: BindingKind
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
 
 
 @dataclass
@@ -77,9 +79,9 @@ def check_binding(
     reports: Sequence[swarm_pb2.PartSketch],
     total_length: int,
     tolerance: float,
-) -> Optional[str]:
-    """None when the reducers' ``reports`` of what one sender sent them bind it to its commitment, else why
-    not (the reason starts with WEIGHT, INCONSISTENT, INCOMPLETE or MISMATCH, in the order checked).
+) -> Optional[BindingProblem]:
+    """None when the reducers' ``reports`` of what one sender sent them bind it to its commitment, else the
+    first problem found, in this order:
 
     - every reducer saw the committed weight (the token count);
     - the reported ranges cover [0, total_length) exactly once;
@@ -92,19 +94,21 @@ def check_binding(
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     for report in reports:
         if report.weight != committed_weight:
-            return (f"{WEIGHT}: sent weight {report.weight:g} for [{report.offset}, {report.offset + report.length}),"
-                    f" committed {committed_weight:g}")
+            span = f"[{report.offset}, {report.offset + report.length})"
+            return BindingProblem(BindingKind.WEIGHT, f"sent weight {report.weight:g} for {span}, "
+                                                      f"committed {committed_weight:g}")
     position = 0
     for report in sorted(reports, key=lambda r: r.offset):
         if report.length <= 0 or report.offset < 0 or report.offset + report.length > total_length:
-            return f"{INCONSISTENT}: a report claims [{report.offset}, {report.offset + report.length}) of [0, {total_length})"
+            return BindingProblem(BindingKind.INCONSISTENT, f"a report claims [{report.offset}, "
+                                                            f"{report.offset + report.length}) of [0, {total_length})")
         if report.offset < position:
-            return f"{INCONSISTENT}: [{report.offset}, {position}) reported twice"
+            return BindingProblem(BindingKind.INCONSISTENT, f"[{report.offset}, {position}) reported twice")
         if report.offset > position:
-            return f"{INCOMPLETE}: no reducer reported [{position}, {report.offset})"
+            return BindingProblem(BindingKind.INCOMPLETE, f"no reducer reported [{position}, {report.offset})")
         position = report.offset + report.length
     if position < total_length:
-        return f"{INCOMPLETE}: no reducer reported [{position}, {total_length})"
+        return BindingProblem(BindingKind.INCOMPLETE, f"no reducer reported [{position}, {total_length})")
     committed = torch.as_tensor(committed_sketch, dtype=torch.float64)
     received = torch.zeros_like(committed)
     for report in reports:
@@ -113,5 +117,6 @@ def check_binding(
         received += torch.tensor(report.sketch, dtype=torch.float64)
     error = relative_error(received, committed)
     if not error <= tolerance:
-        return f"{MISMATCH}: the parts' sketches differ from the committed sketch by {error:.3g} (tolerance {tolerance:g})"
+        return BindingProblem(BindingKind.MISMATCH, f"the parts' sketches differ from the committed sketch by "
+                                                    f"{error:.3g} (tolerance {tolerance:g})")
     return None

@@ -1,0 +1,253 @@
+"""A swarm peer: the solo round with an all-reduce between the gradient and the step.
+
+Every peer of a round starts from the same θ_r, averages its gradient with the
+group (weight = its share of the union batch, see node/train/loss.py ``loss_weight``), and steps on
+the agreed average, so all of them hold the same θ_{r+1}. Three checks keep it so:
+
+- the all-reduce outcome is used only when the whole group published the same
+  digest of it (node/swarm/agreement.py); otherwise nobody in doubt steps;
+- after the step each peer publishes its progress (round, model digest; node/swarm/progress.py);
+  a peer that finds itself behind the swarm or outvoted on the digest loads the
+  current state from peers (parameters, optimizer state and round) before it
+  contributes again;
+- peers serve their state with priority = their round, so a joiner or a peer that
+  resyncs gets it from a peer that is furthest along.
+
+And three make cheating visible (docs/DESIGN.md "Trust"): before averaging, a peer signs and publishes its
+contribution (question ids, rollout digest, token count, gradient sketch, ...) and keeps the rollouts
+behind it for verifiers (node/swarm/round_data.py); as a reducer it keeps signed reports of what each sender
+sent it (binding); in an admitted run it averages only with peers holding a current token. What the peer
+decides in a round (its batch, what it commits to and serves, what it sends) are the methods of
+TrainerDecisions (trainer.py), which attackers override.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from hivemind.utils.timed_storage import get_dht_time
+
+from node.peer.trainer import ServedContribution, TrainerDecisions
+from node.swarm.averaging import AllReduceOutcome, RoundAverager, RoundFailure
+from node.swarm.dht import dht_get
+from node.swarm.progress import Progress, publish_progress, published_progress
+from node.swarm.round_data import RoundData, RoundDataService, RpcError
+from node.train.checkpoint import load_checkpoint
+from node.train.learner import Gradient, Learner, ScoredBatch, batch_metrics
+from node.train.state import StateError, load_served_state, served_state
+from node.train.warm_start import warm_started_policy
+from protocol.digest import model_digest
+from protocol.keys import contributions_key
+from protocol.records import sign_record
+from protocol.sketch import sketch_seed
+from protocol.tasks import load_task
+
+logger = logging.getLogger(__name__)
+CONTRIBUTION_LIFETIME = 300.0  # seconds a contribution record stays in the DHT (the ledger reads it later)
+FETCH_TIMEOUT = 10.0  # seconds for another peer's contribution (a copying attacker's fetch)
+
+
+class SyncOutcome(enum.StrEnum):
+    """What a peer found when it compared itself with the swarm after a round."""
+
+    ALONE = "alone"  # no other live peer published progress
+    IN_STEP = "in-step"  # not behind, and not outvoted on the model digest
+    RESYNCED_BEHIND = "resynced-behind"  # others were further along: loaded their state
+    BEHIND_NO_STATE = "behind-no-state"  # others were further along, but nobody served a state in time
+    RESYNCED_DIGEST = "resynced-digest"  # outvoted on the model digest of this round: loaded the majority's state
+    OUTVOTED_NO_STATE = "outvoted-no-state"  # outvoted, but nobody served a state in time
+
+    @property
+    def resynced(self) -> bool:
+        return self in (SyncOutcome.RESYNCED_BEHIND, SyncOutcome.RESYNCED_DIGEST)
+
+
+@dataclass
+class RoundReport:
+    round: int  # the round that was attempted
+    metrics: dict
+    failure: Optional[RoundFailure] = None  # None: the peer stepped on the agreed average
+
+    @property
+    def stepped(self) -> bool:
+        return self.failure is None
+
+
+class SwarmPeer(TrainerDecisions):
+    def __init__(self, session, serve_state: bool = True):
+        config, dht = session.config, session.dht
+        self.session, self.config, self.dht = session, config, dht
+        self.key, self.admission, self.membership = session.key, session.admission, session.membership
+        self.peer_id = str(dht.peer_id)
+        self.task = load_task(config.task.name, config.task.options)
+        self.policy = warm_started_policy(config, self.task)
+        self.learner = Learner(self.policy, config, self.task)
+        self.round = 0
+        self.digest = model_digest(self.policy.model)  # of the model we hold now; kept current
+        self.averager = RoundAverager.for_run(dht, config, self.learner.params,
+                                              state_provider=self.state if serve_state else None)
+        self.service = RoundDataService(dht, config.run.id, config.trust.rollout_history, self.is_admitted).start()
+
+    # ---- admission -----------------------------------------------------------------------------
+    def is_admitted(self, peer_id: str) -> bool:
+        return self.admission is None or peer_id == self.peer_id or self.admission.token_of(peer_id) is not None
+
+    def refresh_admission(self) -> None:
+        """Re-read tokens and bans; the averager takes only admitted peers into the next group."""
+        if self.admission is None:
+            return
+        self.admission.refresh(self.dht)
+        if self.membership is not None:
+            self.admission.banned |= self.membership.banned
+        self.averager.set_admitted(self.admission.admitted() | {self.peer_id})
+
+    def report(self, round_: int, metrics: dict) -> None:
+        """Heartbeat data for the coordinator (sent from the membership thread)."""
+        if self.membership is not None:
+            self.membership.report(round_, self.digest, metrics)
+
+    # ---- state sharing -------------------------------------------------------------------------
+    def state(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a joining peer downloads: parameters, optimizer state and the round they belong to."""
+        return served_state(self.learner.params, self.learner.optimizer, self.round)
+
+    def load_state(self, metadata: dict, tensors: list[torch.Tensor]) -> None:
+        """Take a state a peer served; all or nothing (a partial one raises StateError, changing nothing)."""
+        self.round = load_served_state(self.learner.params, self.learner.optimizer, metadata, tensors)
+        self.digest = model_digest(self.policy.model)
+
+    def load_checkpoint(self, path) -> None:
+        """Start from a coordinator checkpoint (model and optimizer) instead of θ_0."""
+        checkpoint = load_checkpoint(path, self.policy.model, self.learner.optimizer)  # verified its digest
+        self.round, self.digest = checkpoint.round, checkpoint.model_digest
+        self.averager.state_sharing_priority = self.round
+
+    def sync_from_peers(self) -> bool:
+        """Take the current state from the swarm; False when no peer served one in time."""
+        loaded = self.averager.load_state_from_peers(timeout=self.config.swarm.state_timeout)
+        if loaded is None:
+            return False
+        try:
+            self.load_state(*loaded)
+        except StateError as e:
+            logger.warning(f"{self.peer_id}: state from peers refused: {e}")
+            return False
+        logger.info(f"{self.peer_id}: loaded state of round {self.round} from peers")
+        return True
+
+    def catch_up(self, attempts: int = 6, wait: float = 2.0) -> bool:
+        """A joiner's first sync. Peers admit a newcomer's state download only once they have read its
+        token (each round), so a refusal right after joining is retried a few times while peers are ahead."""
+        for _ in range(attempts):
+            if self.sync_from_peers():
+                return True
+            if self.furthest_other_round() <= self.round:
+                return False  # nobody is ahead of θ_0: nothing to catch up with
+            time.sleep(wait)
+        return False
+
+    # ---- rounds --------------------------------------------------------------------------------
+    def run_round(self) -> RoundReport:
+        """Try round ``self.round``; on success the peer holds θ_{r+1} and ``self.round`` advances."""
+        config, r = self.config, self.round
+        self.refresh_admission()
+        batch = self.sample_batch(r)
+        metrics = batch_metrics(batch, config.rollout.group_size)
+        for iteration in range(config.grpo.num_iterations):
+            committed = iteration == 0  # the contribution commits to the on-policy gradient
+            if committed:
+                gradient = self.committed_gradient(r, batch)
+                self.commit(r, batch, gradient)
+            else:
+                gradient = self.learner.gradient(batch, iteration)
+            tensors, weight = self.outgoing(gradient)
+            seed = sketch_seed(config.run.seed, r) if committed else None
+            outcome = self.averager.average(tensors, weight, r, sketch_seed=seed, max_weight=self.max_weight,
+                                            clip_factor=config.trust.clip_factor)
+            self.keep_bindings(r, outcome)
+            metrics.update(gradient.metrics, group_size=outcome.group_size, allreduce_seconds=outcome.allreduce_seconds,
+                           average_seconds=outcome.seconds)
+            if not outcome.ok:
+                if iteration > 0:  # some of this round's steps were taken: the model is off the swarm's path
+                    self.sync_from_peers()
+                self.publish_progress()
+                return RoundReport(r, metrics, outcome.failure)
+            metrics["grad_norm"] = self.learner.apply(outcome.tensors)
+        self.round = r + 1
+        self.digest = model_digest(self.policy.model)
+        self.averager.state_sharing_priority = self.round
+        self.publish_progress()
+        metrics["model_digest"] = self.digest
+        return RoundReport(r, metrics)
+
+    # ---- trust: what this peer commits to and keeps for verifiers --------------------------------
+    def commit(self, r: int, batch: ScoredBatch, gradient: Gradient) -> None:
+        """Sign the contribution, publish it in the DHT and keep it (with its rollouts) for verifiers."""
+        body, bundle = self.contribution(r, batch, gradient)
+        records, bundle = self.served_contribution(r, body, bundle)
+        self.dht.store(contributions_key(self.config.run.id, r), records[0], get_dht_time() + CONTRIBUTION_LIFETIME,
+                       subkey=self.peer_id, return_future=True)
+        self.service.keep(r, RoundData.CONTRIBUTION, records, bundle)
+
+    def others_contributions(self, r: int) -> Iterator[tuple[str, ServedContribution]]:
+        found = dht_get(self.dht, contributions_key(self.config.run.id, r))
+        others = [str(peer) for peer in (found.value if found is not None and isinstance(found.value, dict) else {})
+                  if str(peer) != self.peer_id]
+        for peer_id in others:
+            try:
+                yield peer_id, self.service.fetch(peer_id, r, RoundData.CONTRIBUTION, FETCH_TIMEOUT)
+            except RpcError as e:
+                logger.info(f"no contribution of {peer_id} for round {r}: {e}")
+
+    def keep_bindings(self, r: int, outcome: AllReduceOutcome) -> None:
+        """As a reducer: signed reports of what each sender sent this peer (sketched in the first iteration
+        only, the one the contributions commit to)."""
+        bindings = outcome.bindings()
+        if not bindings:
+            return
+        records = [sign_record(self.key, "binding", self.config.run.id, r, binding).SerializeToString()
+                   for binding in bindings]
+        self.service.keep(r, RoundData.BINDINGS, records)
+
+    # ---- where the swarm stands -----------------------------------------------------------------
+    def publish_progress(self) -> None:
+        """Tell the swarm our round and model digest."""
+        publish_progress(self.dht, self.config.run.id, self.peer_id, Progress(self.round, self.digest))
+
+    def others_progress(self) -> dict[str, Progress]:
+        """{peer: Progress} of the other live peers."""
+        return {peer: progress for peer, progress in published_progress(self.dht, self.config.run.id).items()
+                if peer != self.peer_id}
+
+    def furthest_other_round(self) -> int:
+        """The furthest round another live peer published (-1: none)."""
+        return max((p.round for p in self.others_progress().values()), default=-1)
+
+    def peers_behind(self) -> int:
+        """Live peers at an earlier round than ours."""
+        return sum(p.round < self.round for p in self.others_progress().values())
+
+    def check_in_step(self) -> SyncOutcome:
+        """Compare with the swarm; resync when behind or outvoted."""
+        others = self.others_progress()
+        if not others:
+            return SyncOutcome.ALONE
+        if max(p.round for p in others.values()) > self.round:
+            return SyncOutcome.RESYNCED_BEHIND if self.sync_from_peers() else SyncOutcome.BEHIND_NO_STATE
+        same_round = [p.digest for p in others.values() if p.round == self.round]
+        if same_round:
+            votes = collections.Counter(same_round + [self.digest])
+            winner, count = votes.most_common(1)[0]
+            if winner != self.digest and count > 1:
+                return SyncOutcome.RESYNCED_DIGEST if self.sync_from_peers() else SyncOutcome.OUTVOTED_NO_STATE
+        return SyncOutcome.IN_STEP
+
+    def shutdown(self) -> None:
+        self.service.stop()
+        self.averager.shutdown()

@@ -1,0 +1,243 @@
+"""hivemind's DecentralizedAverager as this project runs it: exact all-reduce, admission, reports, state.
+
+- Every all-reduce runs ExactAllReduceRunner (allreduce.py): members end with bit-identical tensors,
+  and a partial all-reduce fails.
+- Admission: hivemind authorizes DHT RPCs only; its averaging RPCs accept anyone. This averager admits
+  only the peers of ``set_admitted``: it refuses their join requests, parts and state downloads, asks no
+  one else to lead its group or to serve it state (AdmittingMatchmaking, adopted by swapping the class
+  of the Matchmaking hivemind builds inside the averager process), and fails a round whose group
+  includes anyone else.
+- The host takes a report of each step's all-reduce (group, members, what each sender sent this peer as
+  a reducer), also of a failed one.
+- State is served by the host's ``state_provider`` and downloaded only from admitted peers.
+- Shutting down while a round is in flight does not raise (hivemind's does).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import AsyncIterator, Callable, FrozenSet, Optional, Sequence, Tuple
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import deserialize_tensor_stream
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, ValueWithExpiration
+from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
+
+from node.errors import one_line
+from node.swarm.binding import AllReduceReport
+from node.swarm.hivemind.allreduce import ExactAllReduceRunner
+from node.swarm.hivemind.reducer import ReduceRules
+
+logger = logging.getLogger(__name__)
+
+StateProvider = Callable[[], Tuple[dict, Sequence[torch.Tensor]]]
+Admitted = Optional[FrozenSet[PeerID]]  # None: anyone (an open swarm)
+
+
+class AdmittingMatchmaking(Matchmaking):
+    """Matchmaking that asks only admitted peers to lead its group: a group with anyone else would fail
+    at the start of the all-reduce, losing the round."""
+
+    is_admitted: Callable[[PeerID], bool]
+
+    async def _request_join_group(self, leader: PeerID) -> Optional[GroupInfo]:
+        if not self.is_admitted(leader):
+            logger.info(f"not asking {leader} to lead our group: it is not admitted")
+            return None
+        return await super()._request_join_group(leader)
+
+
+class ExactAverager(DecentralizedAverager):
+    """DecentralizedAverager running ExactAllReduceRunner, serving ``state_provider()`` to joining peers,
+    admitting only the peers of ``set_admitted``, keeping a report of each all-reduce for the host, and
+    shutting down cleanly while a round is in flight.
+
+    The host-side methods send a call through hivemind's control pipe; the averager process runs those
+    calls in the order sent, so rules set before ``step`` apply to that step's all-reduce.
+    """
+
+    def __init__(self, *args, state_provider: StateProvider, admitted: Admitted = None, **kwargs):
+        self._state_provider = state_provider
+        self._admitted = admitted  # the averager process starts with this copy; set_admitted updates it
+        self._rules = ReduceRules()
+        self._report: Optional[AllReduceReport] = None
+        super().__init__(*args, **kwargs)
+
+    # ---- called in the host process ------------------------------------------------------------
+    def get_current_state(self):
+        """Runs in a thread of the host process when a peer downloads our state."""
+        metadata, tensors = self._state_provider()
+        return metadata, tensors, None
+
+    def set_admitted(self, admitted: Admitted) -> MPFuture:
+        """Admit only these peers (this peer itself always is); the future is done once the averager has them."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_admitted", [admitted], dict(future=future)))
+        return future
+
+    def set_rules(self, rules: ReduceRules) -> None:
+        """How this peer reduces its parts in the all-reduces of the following steps."""
+        self._outer_pipe.send(("_set_rules", [rules], {}))
+
+    def take_report(self) -> MPFuture:
+        """Future of the report of the current step's all-reduce (None if its group never formed); once."""
+        future = MPFuture()
+        self._outer_pipe.send(("_take_report", [], dict(future=future)))
+        return future
+
+    # ---- the averager process ------------------------------------------------------------------
+    async def _set_admitted(self, admitted: Admitted, future: MPFuture) -> None:
+        self._admitted = admitted
+        future.set_result(None)
+
+    async def _set_rules(self, rules: ReduceRules) -> None:
+        self._rules = rules
+
+    async def _take_report(self, future: MPFuture) -> None:
+        future.set_result(self._report)
+        self._report = None
+
+    def _is_admitted(self, peer_id: PeerID) -> bool:
+        return self._admitted is None or peer_id == self.peer_id or peer_id in self._admitted
+
+    @property
+    def _matchmaking(self) -> AdmittingMatchmaking:
+        return self._admitting_matchmaking
+
+    @_matchmaking.setter
+    def _matchmaking(self, matchmaking: Matchmaking) -> None:
+        # hivemind builds its Matchmaking inside the averager process, with no hook for a subclass: adopt it
+        matchmaking.__class__ = AdmittingMatchmaking
+        matchmaking.is_admitted = self._is_admitted
+        self._admitting_matchmaking = matchmaking
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if not self._is_admitted(context.remote_id):
+            logger.warning(f"refused a join request from {context.remote_id}: not admitted")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if not self._is_admitted(context.remote_id):  # admitted when its group formed, banned since
+            logger.warning(f"refused parts from {context.remote_id}: not admitted")
+            for runner in self._runners():
+                await runner.ban(context.remote_id, "not admitted")
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if not self._is_admitted(context.remote_id):
+            logger.warning(f"refused to serve our state to {context.remote_id}: not admitted")
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None) -> None:
+        """hivemind's, downloading only from admitted peers (a banned one could serve a poisoned model)."""
+        try:
+            for peer in await self._state_donors():
+                state = await self._download_state(peer)
+                if state is not None:
+                    future.set_result(state)
+                    return
+        except Exception as e:
+            logger.warning(f"could not load state from peers: {one_line(e)}")
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _state_donors(self) -> list:
+        """Admitted peers that declared their state for download, highest priority first (ties at random)."""
+        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        found = await self.dht.get(key, latest=True, return_future=True)
+        declared = found.value if found is not None and isinstance(found.value, dict) else {}
+        priorities = {}
+        for subkey, entry in declared.items():
+            priority = entry.value if isinstance(entry, ValueWithExpiration) else None
+            if isinstance(subkey, bytes) and isinstance(priority, (int, float)):
+                peer = PeerID(subkey)
+                if peer != self.peer_id and self._is_admitted(peer):
+                    priorities[peer] = (float(entry.value), random.random())
+        return sorted(priorities, key=priorities.get, reverse=True)
+
+    async def _download_state(self, peer: PeerID) -> Optional[Tuple[dict, list]]:
+        """(metadata, tensors) served by ``peer``; None if it refused (it then sends nothing) or failed."""
+        try:
+            stream = await self.get_stub(self._p2p, peer, namespace=self.prefix).rpc_download_state(
+                averaging_pb2.DownloadRequest()
+            )
+            metadata, parts = None, []
+            async for message in aiter_with_timeout(stream, timeout=self.next_chunk_timeout or self.request_timeout):
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                parts.append(message.tensor_part)
+            if metadata is None:
+                logger.info(f"{peer} did not send its state")
+                return None
+            return metadata, await deserialize_tensor_stream(as_aiter(parts))
+        except Exception as e:
+            logger.warning(f"could not download state from {peer}: {one_line(e)}")
+            return None
+
+    def _runners(self) -> list:
+        """The all-reduce runners of the groups running now."""
+        return [future.result() for future in self._running_groups.values() if future.done() and not future.cancelled()]
+
+    async def _step(self, **kwargs) -> None:
+        self._report = None  # a report belongs to the step whose all-reduce made it
+        await super()._step(**kwargs)
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes = None, **kwargs
+    ) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._report = AllReduceReport(group_id, [str(peer) for peer in group_info.peer_ids])
+        outsiders = [str(peer) for peer in group_info.peer_ids if not self._is_admitted(peer)]
+        if outsiders:
+            self._running_groups[group_id].cancel()  # members' parts find no runner here: their rounds fail too
+            raise AllreduceException(f"the group includes peers that are not admitted: {', '.join(outsiders)}")
+        runner = ExactAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            rules=self._rules,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        try:
+            async for tensor, averaged in azip(as_aiter(*tensors), runner):
+                tensor.copy_(averaged)
+            runner.raise_if_partial()
+        finally:
+            self._report.received.update(runner.received_sketches())
+
+    async def _shutdown(self, timeout: float) -> None:
+        """hivemind's version calls finalize() on the runners' futures and raises if a round is in flight."""
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for runner_future in self._running_groups.values():
+            if runner_future.done() and not runner_future.cancelled():
+                runner_future.result().finalize(cancel=True)
+            else:
+                runner_future.cancel()

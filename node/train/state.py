@@ -1,0 +1,71 @@
+"""A learner's state as peers serve it to each other: parameters, optimizer tensors and the round.
+
+A joining or resyncing peer, the verifier and the coordinator's checkpointer download it from a peer
+(node/swarm/hivemind/averager.py carries it); it comes from a stranger, so ``load_served_state`` checks
+it whole before a value is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """The optimizer's state as flat named tensors ("<param index>.<key>") and its param groups."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": torch.as_tensor(value).detach().cpu().contiguous()
+               for index, entries in state["state"].items() for key, value in entries.items()}
+    return tensors, state["param_groups"]
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    """The inverse of ``optimizer_tensors``: a state dict for ``Optimizer.load_state_dict``."""
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def served_state(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 round_: int) -> tuple[dict, list[torch.Tensor]]:
+    """(metadata {round, optimizer_keys, param_groups}, tensors = parameters then optimizer tensors)."""
+    tensors, groups = optimizer_tensors(optimizer)
+    names = sorted(tensors)
+    metadata = {"round": round_, "optimizer_keys": names, "param_groups": groups}
+    return metadata, [p.detach().cpu().clone() for p in params] + [tensors[name] for name in names]
+
+
+class StateError(ValueError):
+    """A state served by a peer that does not fit the run's model; nothing was loaded."""
+
+
+def load_served_state(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, metadata: dict,
+                    tensors: Sequence[torch.Tensor]) -> int:
+    """Copy a state in ``served_state``'s format into ``params`` and ``optimizer``; returns its round.
+    All or nothing: any mismatch raises StateError before a value is changed."""
+    try:
+        round_, keys, groups = int(metadata["round"]), list(metadata["optimizer_keys"]), metadata["param_groups"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise StateError(f"state metadata unreadable ({type(e).__name__}: {e})") from None
+    if round_ < 0 or not all(isinstance(key, str) for key in keys):
+        raise StateError(f"state metadata invalid (round {round_}, optimizer keys {keys[:3]}...)")
+    if len(tensors) != len(params) + len(keys):
+        raise StateError(f"state has {len(tensors)} tensors, this model needs {len(params)} + {len(keys)}")
+    for index, (param, value) in enumerate(zip(params, tensors[:len(params)], strict=True)):
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+            raise StateError(f"state tensor {index} has shape {tuple(getattr(value, 'shape', ()))}, "
+                             f"the parameter {tuple(param.shape)}")
+    # load_state_dict validates the groups and keys before it replaces anything.
+    backup = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(optimizer_state(dict(zip(keys, tensors[len(params):], strict=True)), groups))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        optimizer.load_state_dict(backup)
+        raise StateError(f"state's optimizer does not fit this model ({type(e).__name__}: {e})") from None
+    with torch.no_grad():
+        for param, value in zip(params, tensors[:len(params)], strict=True):
+            param.copy_(value)
+    return round_

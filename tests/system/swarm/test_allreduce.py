@@ -1,0 +1,77 @@
+"""All-reduce among real peer processes on 127.0.0.1, including peers that die or freeze mid-round."""
+
+import signal
+
+import torch
+
+from tests.system.swarm.peer_worker import STATE_METADATA, state_tensors
+from tests.system.swarm.rounds import MARGIN, SHAPES, WEIGHTS, assert_all_agree_on_mean, run_round, saved, start_three
+
+
+def test_weighted_mean_of_three_peers_one_in_client_mode(swarm):
+    peers, ready = start_three(swarm, "--client-mode", extra=("--target-group-size", "3"))
+    for round_ in range(2):
+        results = run_round(peers, round_, ready)
+        assert_all_agree_on_mean(swarm, results, round_, WEIGHTS)
+
+
+def check_failure_round_then_recovery(swarm, stop_signal):
+    """Rank 2 freezes mid all-reduce in round 1 and gets ``stop_signal``; ranks 0 and 1 must finish round 1
+    within their bounds without disagreeing, then average round 2 between themselves."""
+    peers, ready = start_three(swarm, "--stall-at-round", "1")
+    survivors, victim = peers[:2], peers[2]
+    assert_all_agree_on_mean(swarm, run_round(peers, 0, ready), 0, WEIGHTS)
+
+    for peer in peers:
+        peer.send("average 1")
+    victim.expect("stalled", ready["max_seconds"])
+    victim.signal(stop_signal)
+    results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in survivors]
+    for result in results:
+        assert result["seconds"] <= ready["max_seconds"] and result["inputs_unchanged"], result
+    agreed = [rank for rank, result in enumerate(results) if result["ok"]]
+    if agreed:  # whoever reports ok must hold the same tensors as every other peer reporting ok
+        assert len({results[rank]["digest"] for rank in agreed}) == 1
+        reference = saved(swarm, agreed[0], 1)
+        for rank in agreed[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(saved(swarm, rank, 1), reference, strict=True))
+    print(f"round with {stop_signal!r}: {[(r['ok'], round(r['seconds'], 2), r['reason']) for r in results]}")
+
+    results = run_round(survivors, 2, ready)
+    assert_all_agree_on_mean(swarm, results, 2, {rank: WEIGHTS[rank] for rank in (0, 1)})
+    print(f"recovery round: {[round(r['seconds'], 2) for r in results]} s")
+
+
+def test_peer_killed_mid_allreduce(swarm):
+    check_failure_round_then_recovery(swarm, signal.SIGKILL)
+
+
+def test_peer_frozen_mid_allreduce(swarm):
+    check_failure_round_then_recovery(swarm, signal.SIGSTOP)
+
+
+def test_shutdown_while_round_in_flight(swarm):
+    first, ready = swarm.start("--rank", "0")
+    (victim,) = swarm.start_joined(first, ready, ["--rank", "1", "--stall-at-round", "0"])
+    first.send("average 0")
+    victim.send("average 0")
+    victim.expect("stalled", ready["max_seconds"])
+    first.send("exit")
+    result = first.expect("result", ready["max_seconds"] + MARGIN)
+    assert not result["ok"] and result["inputs_unchanged"], result
+    bye = first.expect("bye", MARGIN)
+    assert bye["shutdown_seconds"] < MARGIN, bye
+    print(f"shutdown in flight: {bye['shutdown_seconds']:.2f} s, round: {result['reason']}")
+
+
+def test_late_joiner_loads_exact_state(swarm):
+    first, ready = swarm.start("--rank", "0", "--serve-state")
+    swarm.start_joined(first, ready, ["--rank", "1", "--serve-state"])
+    (joiner,) = swarm.start_joined(first, ready, ["--rank", "2"])
+    joiner.send("load_state 20")
+    state = joiner.expect("state", 20 + MARGIN)
+    assert state["loaded"] and state["metadata"] == STATE_METADATA
+    loaded = torch.load(swarm.directory / "rank2_state.pt")
+    expected = state_tensors(SHAPES)
+    assert len(loaded) == len(expected)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
