@@ -1,6 +1,6 @@
 """The DHT key layout of a run: every role reads and writes these names and nothing else.
 
-Values under these keys are small (DESIGN: DHT values over ~16 KiB can hang hivemind); the
+Values under these keys are small (docs/DESIGN.md: DHT values over ~16 KiB can hang hivemind); the
 per-peer ones use the peer id as subkey, so one key holds the whole round's records.
 """
 
@@ -37,11 +37,6 @@ def contributions_key(run_id: str, round_: int) -> str:
 def verdicts_key(run_id: str, round_: int) -> str:
     """subkey '{verifier}/{contributor}': a verifier's signed Verdict record."""
     return f"{run_id}.r{round_}.verdicts"
-
-
-def binding_key(run_id: str, round_: int, reducer: str) -> str:
-    """subkey sender peer id: the reducer's signed Binding record of what that sender sent it."""
-    return f"{run_id}.r{round_}.binding.{reducer}"
 
 
 ROUND_DATA_RPC = "grpo-swarm.round-data"  # p2p handler name: RoundDataRequest -> stream of RoundData

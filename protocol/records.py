@@ -1,4 +1,4 @@
-"""Signed records: the one envelope for everything a peer publishes (DESIGN "Trust" 1).
+"""Signed records: the one envelope for everything a peer publishes (docs/DESIGN.md "Trust" 1).
 
 A record is signed over a fixed, length-prefixed encoding of its fields (``signing_bytes``), not
 over protobuf bytes, whose encoding is not guaranteed canonical. Receivers check, in order: the
@@ -21,7 +21,7 @@ from protocol.identity import SigningKey, verify
 
 DOMAIN = b"grpo-swarm/record/v1"
 NONCE_BYTES = 16
-MAX_RECORD_BYTES = 15 * 1024  # DHT values above ~16 KiB can hang hivemind's DHT (DESIGN)
+MAX_RECORD_BYTES = 15 * 1024  # DHT values above ~16 KiB can hang hivemind's DHT (docs/DESIGN.md)
 DEFAULT_MAX_AGE = 600.0  # seconds; also the horizon of the replay guard
 
 

@@ -9,7 +9,7 @@ start, by default):
   compression, on the real gradients and on a larger vector resampled from their values;
 - bounding: how far one bad sender moves the average, ||avg - clean|| / ||clean|| (clean: the same
   round with the bad sender sending its true gradient), with clipping off and on, and
-  ||avg - h|| / ||h|| (h: the honest senders' mean) next to robust.py's bound.
+  ||avg - h|| / ||h|| (h: the honest senders' mean) next to the bound of node/swarm/clipping.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bounding (DESIGN "Trust" 5): a reducer's robust mean of one part, so that one bad sender moves the
+"""Bounding (docs/DESIGN.md "Trust" 5): a reducer's robust mean of one part, so that one bad sender moves the
 round's average by a bounded amount before the audit catches it.
 
 Each sender's part is clipped to ``clip_factor`` times the lower median of the part's norms across

@@ -3,7 +3,7 @@
 Per round a peer keeps its signed contribution record with the rollout bundle behind it, and, as a
 reducer, its signed binding records. Verifiers ask the peer itself over libp2p, which authenticates
 both ends: the answer is attributable to the peer (a DHT value is not: any admitted peer may
-overwrite it), and only admitted peers are served. Rollouts are bulk data (DESIGN: keep DHT values
+overwrite it), and only admitted peers are served. Rollouts are bulk data (docs/DESIGN.md: keep DHT values
 small), so bundles stream in chunks. Handlers run on an asyncio loop in a background thread of the
 host process, talking to the DHT's p2p daemon through a replica.
 

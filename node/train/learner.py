@@ -48,7 +48,7 @@ class ScoredBatch:
 @dataclass
 class Gradient:
     tensors: list[torch.Tensor]
-    weight: float  # this batch's share in a union batch (see grpo.loss_weight)
+    weight: float  # this batch's share in a union batch (see loss.loss_weight)
     metrics: dict = field(default_factory=dict)
     unit_sketches: torch.Tensor | None = None  # [units, SKETCH_DIM] float64: each audit unit's contribution
     sketch_seed: int | None = None  # the seed of unit_sketches

@@ -1,5 +1,5 @@
 """One teacher-forced forward pass over prompt + completion, shared by training,
-distillation and (later) the verifier's prefill check."""
+distillation and the verifier's prefill check (node/verify/recompute.py)."""
 
 from __future__ import annotations
 

@@ -50,3 +50,19 @@ def test_only_the_hivemind_package_subclasses_hivemind_internals():
         if reached:
             outside[str(path.relative_to(ROOT))] = reached
     assert outside == {}, f"hivemind internals used outside node/swarm/hivemind: {outside}"
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_every_folder_of_a_package_is_a_package(layer):
+    """``pip install .`` finds only folders with an __init__.py: one without it would be left out of the wheel."""
+    folders = [path for path in (ROOT / layer).rglob("*") if path.is_dir() and path.name != "__pycache__"]
+    missing = [str(path.relative_to(ROOT)) for path in [ROOT / layer, *folders] if not (path / "__init__.py").exists()]
+    assert missing == []
+
+
+def test_no_test_folder_shadows_a_package():
+    """A script run by path from a test folder (tests/system/attacker.py) has its folder first on sys.path: a
+    sibling folder named like a package of the project would be imported instead of it."""
+    shadowing = [str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("*")
+                 if path.is_dir() and path.name in LAYERS]
+    assert shadowing == []

@@ -143,7 +143,7 @@ def test_check_binding_tells_its_reasons_apart():
 
 
 def test_clipping_bounds_one_huge_sender():
-    """robust.py's bound: ||r - h|| <= s (c sqrt(sum_H ||x_i||^2) + ||h||) for any bad sender."""
+    """clipping.py's bound: ||r - h|| <= s (c sqrt(sum_H ||x_i||^2) + ||h||) for any bad sender."""
     honest, weights = senders(3), [10.0, 25.0, 40.0, 20.0]
     h = weighted_mean(honest, weights[:3])
     share = weights[3] / sum(weights)

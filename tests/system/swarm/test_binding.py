@@ -1,4 +1,4 @@
-"""Binding and bounding among real peer processes on 127.0.0.1 (DESIGN "Trust" 4 and 5).
+"""Binding and bounding among real peer processes on 127.0.0.1 (docs/DESIGN.md "Trust" 4 and 5).
 
 Four peers shared by the tests of this module: ranks 0-2 are honest reducers; rank 3 is in client
 mode (it reduces nothing, so what it lies about reaches only honest reducers) and lies in some rounds.
@@ -53,7 +53,7 @@ def flat(tensors):
 
 
 def honest_pull_bound(round_):
-    """robust.py's bound on ||avg - h||, h the honest ranks' mean, for one bad sender of weight share s."""
+    """clipping.py's bound on ||avg - h||, h the honest ranks' mean, for one bad sender of weight share s."""
     honest = {rank: WEIGHTS[rank] for rank in (0, 1, 2)}
     h = flat(weighted_mean(round_, honest))
     norms = [float(flat(make_tensors(input_seed(rank, round_), SHAPES)).norm()) for rank in honest]

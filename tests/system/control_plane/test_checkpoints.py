@@ -19,7 +19,7 @@ from node.train.state import StateError, load_served_state, optimizer_tensors, s
 from protocol.config import load_config
 from protocol.digest import model_digest
 from tests.command import grpo_swarm
-from tests.system.coordinator.state_server import trained_learner
+from tests.system.control_plane.state_server import trained_learner
 from tests.system.swarm.conftest import Peer
 
 STATE_SERVER = Path(__file__).with_name("state_server.py")

@@ -10,7 +10,7 @@ from coordinator.ledger import Ledger
 from protocol.identity import IdentityError, SigningKey
 from protocol.keyfiles import read_public_keys
 from tests.command import grpo_swarm, last_error_line
-from tests.system.coordinator.conftest import CONFIG, RUN_ID
+from tests.system.control_plane.conftest import CONFIG, RUN_ID
 
 
 def test_keygen_writes_a_private_key_and_its_public_key_once(tmp_path):

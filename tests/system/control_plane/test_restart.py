@@ -15,8 +15,8 @@ from protocol import swarm_pb2
 from protocol.identity import SigningKey
 from protocol.keyfiles import generate_key
 from protocol.records import sign_record
-from tests.system.coordinator.conftest import RUN_ID
-from tests.system.coordinator.test_service import client_for, refused, status_bytes
+from tests.system.control_plane.conftest import RUN_ID
+from tests.system.control_plane.test_service import client_for, refused, status_bytes
 
 LIFETIME, GRACE = 2.0, 4.0
 Code = grpc.StatusCode

@@ -17,7 +17,7 @@ from protocol.keyfiles import generate_key
 from protocol.records import sign_record, signing_bytes
 from protocol.tokens import issue_token
 from tests.command import grpo_swarm
-from tests.system.coordinator.conftest import RUN_ID
+from tests.system.control_plane.conftest import RUN_ID
 
 Code = grpc.StatusCode
 
