@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from node.bench.attacks import ATTACKS, Attack, attacking
-from node.peer.trainer import ServedContribution, TrainerDecisions
+from node.peer.trainer import ServedContribution, TrainerDecisions, largest_honest_weight
 from node.swarm.hivemind.offline import simulate_allreduce
 from node.swarm.hivemind.reducer import ReduceRules
 from node.train.learner import Gradient, Learner, ScoredBatch
@@ -158,7 +158,7 @@ class VerifierBench:
                        r: int) -> list[swarm_pb2.PartSketch]:
         """What REDUCERS reducers report ``peer_id`` sent them (the offline all-reduce's real reducer)."""
         rules = ReduceRules(sketch_seed=sketch_seed(self.config.run.seed, r),
-                            max_weight=BenchTrainer(self, peer_id).max_weight)
+                            max_weight=largest_honest_weight(self.config))
         senders = [[t.detach() for t in tensors]] * REDUCERS
         _, reports = simulate_allreduce(senders, [weight] * REDUCERS, rules)
         parts = [report["0"] for report in reports if "0" in report]

@@ -29,7 +29,7 @@ from protocol.tasks import Task
 ServedContribution = tuple[list[bytes], bytes]  # (serialized signed records, rollout bundle)
 
 
-def max_weight(config: RunConfig) -> float:
+def largest_honest_weight(config: RunConfig) -> float:
     """The largest all-reduce weight an honest batch can carry: every completion at full length. Reducers
     count any larger claim as this."""
     rows = config.rollout.questions_per_peer * config.rollout.group_size
@@ -49,7 +49,7 @@ class TrainerDecisions:
 
     @functools.cached_property
     def max_weight(self) -> float:
-        return max_weight(self.config)
+        return largest_honest_weight(self.config)
 
     def sample_batch(self, r: int) -> ScoredBatch:
         """The round's rollouts: this peer's own shard, sampled from θ_r and scored."""
