@@ -39,8 +39,9 @@ that cheats in every unit is always caught.
 Cost: the contributor generates the batch and runs forward and backward over all of it; the
 verifier hashes and re-scores the bundle and runs forward and backward over k/U of it (no
 generation). Measured (``grpo-swarm bench verifier``, defaults, tiny model, 1 CPU thread, median of
-100 contributions): contributor 0.461 s (rollouts 0.103, gradient with unit sketches 0.358, the
-same gradient without them 0.319), audit 0.089 s: 19% of the contributor's cost.
+50 contributions): contributor 0.327 s (rollouts 0.071, gradient with unit sketches 0.251, the
+same gradient without them 0.215), the verifier's decision (record, this audit, binding) 0.065 s:
+19.8% of the contributor's cost.
 
 The tolerances and the honest distributions they come from: tolerances.py.
 """
