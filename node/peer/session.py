@@ -19,7 +19,7 @@ from node.peer.announce import check_same_run, discover_run, publish_run
 from node.peer.membership import Membership
 from node.peer.settings import PeerSettings
 from node.swarm.admission import Admission, dht_auth_kwargs
-from node.swarm.dht import start_dht
+from node.swarm.dht import DHTSettings, start_dht
 from protocol.config import ConfigError, RunConfig
 from protocol.identity import P2PIdentity, SigningKey
 
@@ -70,13 +70,13 @@ def open_session(settings: PeerSettings, config: RunConfig | None, role: str, co
     identity_path = settings.dht.identity_path or str(settings.out / "p2p.id")
     identity = P2PIdentity.load_or_create(identity_path)
     membership = Membership.register(settings.coordinator, key, identity, role)
-    initial_peers = settings.dht.initial_peers or membership.initial_peers
-    if not initial_peers:
+    try:
+        dht = start_dht(_dht_settings(settings, membership, identity_path),
+                        **dht_auth_kwargs(identity, membership.coordinator_public_key, membership.run_id,
+                                          membership.token))
+    except BaseException:
         membership.stop()
-        raise ConfigError(f"the coordinator at {settings.coordinator} lists no DHT addresses: pass --initial-peers")
-    dht_settings = settings.dht.replaced(initial_peers=list(initial_peers), identity_path=identity_path)
-    dht = start_dht(dht_settings, **dht_auth_kwargs(identity, membership.coordinator_public_key, membership.run_id,
-                                                     membership.token))
+        raise
     try:
         membership.start(dht)
         announcement = discover_run(dht, membership.run_id)
@@ -93,3 +93,16 @@ def open_session(settings: PeerSettings, config: RunConfig | None, role: str, co
     console.print(f"registered with the coordinator at {settings.coordinator} as a {role}")
     return Session(dht, announcement.config, key, membership,
                    Admission(membership.run_id, membership.coordinator_public_key))
+
+
+def _dht_settings(settings: PeerSettings, membership: Membership, identity_path: str) -> DHTSettings:
+    """This peer's DHT settings, dialling ``--initial-peers`` or else the addresses the coordinator lists."""
+    if settings.dht.initial_peers:
+        return settings.dht.replaced(identity_path=identity_path)
+    if not membership.initial_peers:
+        raise ConfigError(f"the coordinator at {settings.coordinator} lists no DHT addresses: pass --initial-peers")
+    try:
+        return settings.dht.replaced(initial_peers=list(membership.initial_peers), identity_path=identity_path)
+    except ConfigError as e:
+        raise ConfigError(f"the coordinator at {settings.coordinator} lists DHT addresses that are not multiaddrs "
+                          f"({e}): pass --initial-peers") from None

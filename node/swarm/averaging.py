@@ -252,8 +252,11 @@ class RoundAverager:
         rules = ReduceRules(sketch_seed, clip_factor, math.inf if max_weight is None else max_weight)
         self._check(tensors, weight, rules)
 
+        gathered: dict = {}
+
         def failed(kind: FailureKind, detail: str, report: Optional[AllReduceReport] = None) -> AllReduceOutcome:
-            return AllReduceOutcome(RoundFailure(kind, detail), group_size=len(report.members) if report else 0,
+            group_size = len(report.members) if report else len(gathered)
+            return AllReduceOutcome(RoundFailure(kind, detail), group_size=group_size,
                                     seconds=time.monotonic() - started, report=report)
 
         try:

@@ -1,7 +1,10 @@
 """Values that travel between peers or out of a round are typed, and another peer's are parsed strictly."""
 
+from types import SimpleNamespace
+
 import pytest
 
+from node.peer.session import _dht_settings
 from node.peer.settings import PeerSettings
 from node.peer.swarm_peer import SyncOutcome
 from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundFailure, RoundGather
@@ -47,3 +50,25 @@ def test_bad_settings_name_the_flag(build, message):
     with pytest.raises(ConfigError) as error:
         build()
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_dht_addresses_a_coordinator_lists_are_checked_and_named_as_its():
+    settings = PeerSettings(out="o", coordinator="127.0.0.1:9")
+    listed = SimpleNamespace(initial_peers=["/ip4/127.0.0.1/tcp/5/p2p/QmXVaDzBNPdXELMUCHcnRmyFpqHFmrEEjkFmXcwqsJjbHv"])
+    assert _dht_settings(settings, listed, "id").initial_peers == listed.initial_peers
+    with pytest.raises(ConfigError, match="the coordinator at 127.0.0.1:9 lists DHT addresses that are not multiaddrs"):
+        _dht_settings(settings, SimpleNamespace(initial_peers=["garbage"]), "id")
+    with pytest.raises(ConfigError, match="lists no DHT addresses: pass --initial-peers"):
+        _dht_settings(settings, SimpleNamespace(initial_peers=[]), "id")
+
+
+def test_a_dht_request_with_an_undecodable_token_is_refused(tmp_path):
+    from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
+
+    from node.swarm.hivemind.authorizer import SwarmAuthorizer
+    from protocol import swarm_pb2
+    from protocol.identity import P2PIdentity, SigningKey
+
+    identity = P2PIdentity.load_or_create(tmp_path / "p2p.id")
+    authorizer = SwarmAuthorizer(identity, SigningKey().public_key, "run", swarm_pb2.AccessToken())
+    assert authorizer.is_token_valid(HivemindToken(username="x", signature=b"\xff\xff not a token")) is False

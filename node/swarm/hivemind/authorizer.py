@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Iterable
 
+from google.protobuf.message import DecodeError
 from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
 from hivemind.utils.auth import TokenAuthorizerBase
 
@@ -61,7 +62,7 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         try:
             token = unwrap_token(access_token)
             check_token(token, self.coordinator_public_key, run_id=self.run_id)
-        except (TokenError, ValueError) as e:
+        except (TokenError, ValueError, DecodeError) as e:  # the token comes from the requesting peer
             logger.debug(f"DHT request refused: {e}")
             return False
         return token.peer_id not in self.banned
