@@ -31,8 +31,8 @@ from coordinator.ledger import Ledger
 from coordinator.publisher import Publisher, own_token
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
-from node.swarm.admission import dht_auth_kwargs
 from node.swarm.dht import start_dht
+from node.swarm.run_records import dht_auth_kwargs
 from protocol import swarm_pb2_grpc
 from protocol.config import RunConfig
 from protocol.identity import P2PIdentity, SigningKey

@@ -6,6 +6,8 @@ import hashlib
 
 import torch
 
+DIGEST_CHARS = 64  # a digest is sha256 in hex
+
 
 def tensors_digest(named: list[tuple[str, torch.Tensor]]) -> str:
     """sha256 over (name, dtype, shape, raw bytes) of each tensor, in the given order."""

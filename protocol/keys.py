@@ -1,17 +1,42 @@
 """The DHT key layout of a run: every role reads and writes these names and nothing else.
 
 Values under these keys are small (docs/DESIGN.md: DHT values over ~16 KiB can hang hivemind); the
-per-peer ones use the peer id as subkey, so one key holds the whole round's records.
+per-peer ones use the peer id as subkey, so one key holds the whole round's records. Each key's records
+live at most its LIFETIME; every DHT node of an admitted run holds them to it (node/swarm/run_records.py).
 """
 
 from __future__ import annotations
 
 RUNS_KEY = "grpo-swarm.runs"  # subkey run id: the run announcement (config, coordinator key)
 
+RUN_RECORD_LIFETIME = 3600.0  # seconds, from signing: a run announcement
+BANS_LIFETIME = 3600.0  # from signing: the coordinator's ban list
+PROGRESS_LIFETIME = 60.0  # a peer's progress record (live peers refresh it every attempt)
+CONTRIBUTION_LIFETIME = 300.0  # from signing: a contribution record (the ledger reads it later)
+VERDICT_LIFETIME = 3600.0  # from signing: a verifier's verdict
+AGREEMENT_LIFETIME = 120.0  # a member's digest of an all-reduce result (long enough for the slowest member)
+
 
 def averaging_prefix(run_id: str) -> str:
-    """hivemind averaging namespace of the run's gradients (and of state sharing)."""
+    """hivemind averaging namespace of the run's gradients (and of state sharing). hivemind keeps two keys
+    under it: ``matchmaking_key`` and ``state_donors_key``; our agreement digests go under ``agreement_key``."""
     return f"{run_id}-grads"
+
+
+def matchmaking_key(prefix: str) -> str:
+    """hivemind's group key (no group bits): subkey peer id bytes, value whether it looks for a group."""
+    return f"{prefix}.0b"
+
+
+def state_donors_key(prefix: str) -> str:
+    """hivemind's state donors: subkey peer id bytes, value the priority of the state it serves."""
+    return f"{prefix}.all_averagers"
+
+
+def agreement_key(prefix: str, round_: int, group: str) -> str:
+    """subkey member peer id: [this key, the member's digest of the group's all-reduce result]; ``group`` is
+    16 hex digits naming the group (node/swarm/agreement.py)."""
+    return f"{prefix}.digests.r{round_}.{group}"
 
 
 def progress_key(run_id: str) -> str:

@@ -48,6 +48,7 @@ from protocol.sketch import sketch_seed
 from protocol.tasks import Task, load_task
 
 REDUCERS = 3  # reducers of the offline all-reduce that report what a trainer sent
+OFFLINE_GROUP = b"offline"  # the group id of the offline all-reduce's reports
 ATTACK_ROUNDS = 2  # an attack must be caught within this many rounds
 
 
@@ -57,7 +58,7 @@ class Played:
 
     round: int
     served: ServedContribution  # the signed contribution record(s) and the rollout bundle
-    parts: list[swarm_pb2.PartSketch]  # the reducers' reports of what it sent
+    parts: dict[bytes, list[swarm_pb2.PartSketch]]  # the reducers' reports of what it sent, by group
     batch: ScoredBatch
     gradient: Gradient  # the gradient it committed to
     body: swarm_pb2.Contribution  # the commitment it made (what it serves may differ)
@@ -155,8 +156,9 @@ class VerifierBench:
         return Played(r, served, self.reported_parts(trainer.peer_id, tensors, weight, r), batch, gradient, body)
 
     def reported_parts(self, peer_id: str, tensors: list[torch.Tensor], weight: float,
-                       r: int) -> list[swarm_pb2.PartSketch]:
-        """What REDUCERS reducers report ``peer_id`` sent them (the offline all-reduce's real reducer)."""
+                       r: int) -> dict[bytes, list[swarm_pb2.PartSketch]]:
+        """What REDUCERS reducers of one group report ``peer_id`` sent them (the offline all-reduce's real
+        reducer)."""
         rules = ReduceRules(sketch_seed=sketch_seed(self.config.run.seed, r),
                             max_weight=largest_honest_weight(self.config))
         senders = [[t.detach() for t in tensors]] * REDUCERS
@@ -164,7 +166,7 @@ class VerifierBench:
         parts = [report["0"] for report in reports if "0" in report]
         for part in parts:
             part.sender = peer_id
-        return parts
+        return {OFFLINE_GROUP: parts}
 
     def judge(self, peer_id: str, played: Played, replay: ReplayGuard,
               results: Optional[Results] = None) -> Optional[AuditReport]:

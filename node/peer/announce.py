@@ -14,17 +14,15 @@ import time
 from dataclasses import dataclass
 
 import hivemind
-from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.dht import dht_get
 from protocol import swarm_pb2
 from protocol.config import ConfigError, RunConfig
 from protocol.identity import SigningKey
-from protocol.keys import RUNS_KEY
+from protocol.keys import RUN_RECORD_LIFETIME, RUNS_KEY
 from protocol.records import RecordError, open_record, parse_record, sign_record
 
 logger = logging.getLogger(__name__)
-RUN_RECORD_LIFETIME = 3600.0
 
 
 @dataclass
@@ -40,7 +38,7 @@ def publish_run(dht: hivemind.DHT, config: RunConfig, key: SigningKey, coordinat
         config_json=json.dumps(config.to_dict(), sort_keys=True), config_digest=config.digest(),
         coordinator_public_key=key.public_key if coordinator_address else b"", coordinator_address=coordinator_address)
     record = sign_record(key, "run", config.run.id, 0, body)
-    dht.store(RUNS_KEY, record.SerializeToString(), get_dht_time() + RUN_RECORD_LIFETIME, subkey=config.run.id)
+    dht.store(RUNS_KEY, record.SerializeToString(), record.timestamp + RUN_RECORD_LIFETIME, subkey=config.run.id)
 
 
 def read_announcement(run_id: str, data) -> Announcement:

@@ -18,8 +18,9 @@ from rich.console import Console
 from node.peer.announce import check_same_run, discover_run, publish_run
 from node.peer.membership import Membership
 from node.peer.settings import PeerSettings
-from node.swarm.admission import Admission, dht_auth_kwargs
+from node.swarm.admission import Admission
 from node.swarm.dht import DHTSettings, start_dht
+from node.swarm.run_records import dht_auth_kwargs
 from protocol.config import ConfigError, RunConfig
 from protocol.identity import P2PIdentity, SigningKey
 

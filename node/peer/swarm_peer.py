@@ -34,7 +34,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.peer.trainer import ServedContribution, TrainerDecisions
-from node.swarm.averaging import AllReduceOutcome, RoundAverager, RoundFailure
+from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundAverager, RoundFailure
 from node.swarm.dht import dht_get
 from node.swarm.progress import Progress, publish_progress, published_progress
 from node.swarm.round_data import RoundData, RoundDataService, RpcError
@@ -43,14 +43,14 @@ from node.train.learner import Gradient, Learner, ScoredBatch, batch_metrics
 from node.train.state import StateError, load_served_state, served_state
 from node.train.warm_start import warm_started_policy
 from protocol.digest import model_digest
-from protocol.keys import contributions_key
+from protocol.keys import CONTRIBUTION_LIFETIME, contributions_key
 from protocol.records import sign_record
 from protocol.sketch import sketch_seed
 from protocol.tasks import load_task
 
 logger = logging.getLogger(__name__)
-CONTRIBUTION_LIFETIME = 300.0  # seconds a contribution record stays in the DHT (the ledger reads it later)
 FETCH_TIMEOUT = 10.0  # seconds for another peer's contribution (a copying attacker's fetch)
+SIT_OUT_POLL = 1.0  # seconds between looks at whether the swarm finished a round this peer sits out
 
 
 class SyncOutcome(enum.StrEnum):
@@ -79,6 +79,16 @@ class RoundReport:
         return self.failure is None
 
 
+@dataclass(frozen=True)
+class Commitment:
+    """What this peer committed to in a round, under the θ_r of ``model_digest``."""
+
+    round: int
+    model_digest: str
+    batch: ScoredBatch
+    gradient: Gradient
+
+
 class SwarmPeer(TrainerDecisions):
     def __init__(self, session, serve_state: bool = True):
         config, dht = session.config, session.dht
@@ -90,6 +100,7 @@ class SwarmPeer(TrainerDecisions):
         self.learner = Learner(self.policy, config, self.task)
         self.round = 0
         self.digest = model_digest(self.policy.model)  # of the model we hold now; kept current
+        self.commitment: Optional[Commitment] = None  # the latest round this peer committed to
         self.averager = RoundAverager.for_run(dht, config, self.learner.params,
                                               state_provider=self.state if serve_state else None)
         self.service = RoundDataService(dht, config.run.id, config.trust.rollout_history, self.is_admitted).start()
@@ -157,15 +168,14 @@ class SwarmPeer(TrainerDecisions):
         """Try round ``self.round``; on success the peer holds θ_{r+1} and ``self.round`` advances."""
         config, r = self.config, self.round
         self.refresh_admission()
-        batch = self.sample_batch(r)
+        commitment = self.commitment_for(r)
+        if commitment is None:
+            return self.sit_out(r)
+        batch = commitment.batch
         metrics = batch_metrics(batch, config.rollout.group_size)
         for iteration in range(config.grpo.num_iterations):
             committed = iteration == 0  # the contribution commits to the on-policy gradient
-            if committed:
-                gradient = self.committed_gradient(r, batch)
-                self.commit(r, batch, gradient)
-            else:
-                gradient = self.learner.gradient(batch, iteration)
+            gradient = commitment.gradient if committed else self.learner.gradient(batch, iteration)
             tensors, weight = self.outgoing(gradient)
             seed = sketch_seed(config.run.seed, r) if committed else None
             outcome = self.averager.average(tensors, weight, r, sketch_seed=seed, max_weight=self.max_weight,
@@ -180,11 +190,36 @@ class SwarmPeer(TrainerDecisions):
                 return RoundReport(r, metrics, outcome.failure)
             metrics["grad_norm"] = self.learner.apply(outcome.tensors)
         self.round = r + 1
+        self.commitment = None
         self.digest = model_digest(self.policy.model)
         self.averager.state_sharing_priority = self.round
         self.publish_progress()
         metrics["model_digest"] = self.digest
         return RoundReport(r, metrics)
+
+    def commitment_for(self, r: int) -> Optional[Commitment]:
+        """This peer's one commitment to round ``r``: made (sampled, signed, published) on the first attempt and
+        sent again on every retry, so that what any reducer saw of any attempt matches the one contribution
+        verifiers audit. None when the peer committed to ``r`` under a θ_r it no longer holds."""
+        held = self.commitment
+        if held is not None and held.round == r:
+            return held if held.model_digest == self.digest else None
+        batch = self.sample_batch(r)
+        gradient = self.committed_gradient(r, batch)
+        self.commit(r, batch, gradient)
+        self.commitment = Commitment(r, self.digest, batch, gradient)
+        return self.commitment
+
+    def sit_out(self, r: int) -> RoundReport:
+        """The peer was outvoted and loaded the majority's θ_r after committing to round ``r`` under its own: a
+        second commitment would contradict what reducers reported of the first, so it waits (at most one
+        all-reduce's time) for the swarm to finish the round, and resyncs after it."""
+        deadline = time.monotonic() + self.averager.max_seconds
+        while self.furthest_other_round() <= r and time.monotonic() < deadline:
+            time.sleep(SIT_OUT_POLL)
+        self.publish_progress()
+        return RoundReport(r, {}, RoundFailure(FailureKind.SAT_OUT, f"committed to round {r} under another "
+                                                                    f"model: sitting it out"))
 
     # ---- trust: what this peer commits to and keeps for verifiers --------------------------------
     def commit(self, r: int, batch: ScoredBatch, gradient: Gradient) -> None:

@@ -15,8 +15,9 @@ outage by its remaining lifetime, so peers train on while the coordinator restar
 
 Any admitted peer may store to the DHT, where the value with the latest expiration wins. So every
 DHT node also refuses, under the tokens and ban-list keys, values the coordinator did not sign and
-expirations past their token's or list's own (``CoordinatorRecords``): otherwise one peer could bury
-the others' renewed tokens, or the newest ban list, under its own bytes.
+expirations past their token's or list's own (node/swarm/run_records.py, which holds every key of the
+run to a rule): otherwise one peer could bury the others' renewed tokens, or the newest ban list, under
+its own bytes.
 """
 
 from __future__ import annotations
@@ -26,21 +27,15 @@ import time
 from typing import Iterable, Optional
 
 import hivemind
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils.serializer import MSGPackSerializer
 
 from node.swarm.dht import dht_get
-from node.swarm.hivemind.authorizer import SwarmAuthorizer, bans_installer, token_installer
+from node.swarm.hivemind.authorizer import bans_installer, token_installer
 from protocol import swarm_pb2
-from protocol.identity import P2PIdentity
-from protocol.keys import bans_key, tokens_key
+from protocol.keys import BANS_LIFETIME, bans_key, tokens_key
 from protocol.records import RecordError, open_record, parse_record, sign_record
 from protocol.tokens import TokenError, check_token
 
 logger = logging.getLogger(__name__)
-BANS_LIFETIME = 3600.0
-EXPIRATION_SLACK = 1.0  # seconds a DHT expiration may exceed its token's or ban list's (float rounding)
 
 
 def read_token(data: bytes, coordinator_public_key: bytes, run_id: str, peer_id: str) -> swarm_pb2.AccessToken:
@@ -60,41 +55,6 @@ def read_ban_list(data: bytes, coordinator_public_key: bytes, run_id: str) -> tu
         raise RecordError("ban list not signed by the coordinator")
     bans = open_record(record, run_id=run_id, kind="bans", body_type=swarm_pb2.BanList, max_age=BANS_LIFETIME)
     return record.timestamp, bans
-
-
-class CoordinatorRecords(RecordValidatorBase):
-    """DHT validator for the run's tokens and ban-list keys (see the module docstring); other keys pass."""
-
-    def __init__(self, run_id: str, coordinator_public_key: bytes):
-        self.run_id, self.coordinator_public_key = run_id, coordinator_public_key
-        self._tokens = DHTID.generate(source=tokens_key(run_id)).to_bytes()
-        self._bans = DHTID.generate(source=bans_key(run_id)).to_bytes()
-
-    def validate(self, record: DHTRecord) -> bool:
-        if record.key not in (self._tokens, self._bans):
-            return True
-        try:
-            value = MSGPackSerializer.loads(record.value)
-            if not isinstance(value, bytes):
-                return False
-            if record.key == self._tokens:
-                subkey = MSGPackSerializer.loads(record.subkey)
-                expires_at = read_token(value, self.coordinator_public_key, self.run_id, str(subkey)).expires_at
-            else:
-                signed_at, _ = read_ban_list(value, self.coordinator_public_key, self.run_id)
-                expires_at = signed_at + BANS_LIFETIME
-        except Exception as e:  # anything a peer stored: undecodable, unsigned, stale, someone else's
-            logger.debug(f"DHT record under an admission key refused: {e}")
-            return False
-        return record.expiration_time <= expires_at + EXPIRATION_SLACK
-
-
-def dht_auth_kwargs(identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
-                    token: swarm_pb2.AccessToken) -> dict:
-    """Extra start_dht kwargs for a DHT that speaks only to admitted peers and keeps only the coordinator's
-    tokens and ban lists under their keys."""
-    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token),
-            "record_validators": [CoordinatorRecords(run_id, coordinator_public_key)]}
 
 
 def push_token(dht: hivemind.DHT, token: swarm_pb2.AccessToken) -> None:

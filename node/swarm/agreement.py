@@ -22,10 +22,10 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import one_line
-from protocol.digest import tensors_digest
+from protocol.digest import DIGEST_CHARS, tensors_digest
+from protocol.keys import AGREEMENT_LIFETIME, agreement_key
 
 POLL_INTERVAL = 0.1
-RECORD_LIFETIME = 120.0  # seconds; long enough for the slowest member to read, short enough to keep the DHT small
 
 
 def result_digest(tensors: Sequence[torch.Tensor]) -> str:
@@ -34,8 +34,16 @@ def result_digest(tensors: Sequence[torch.Tensor]) -> str:
 
 def group_key(prefix: str, round_: int, member_tokens: Iterable[str]) -> str:
     """A DHT key unique to this group in this round: the members' per-call random tokens, sorted."""
-    members = hashlib.sha256("\n".join(sorted(member_tokens)).encode()).hexdigest()[:16]
-    return f"{prefix}.digests.r{round_}.{members}"
+    return agreement_key(prefix, round_, hashlib.sha256("\n".join(sorted(member_tokens)).encode()).hexdigest()[:16])
+
+
+def parse_agreement(key: str, value) -> str:
+    """The digest in a member's agreement value under ``key`` (the value names its key, so that DHT nodes can
+    tell what it is: node/swarm/run_records.py); ValueError if it is not one."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == key and isinstance(value[1], str)
+            and len(value[1]) == DIGEST_CHARS):
+        raise ValueError(f"not an agreement digest: {value!r:.80}")
+    return value[1]
 
 
 def agree(
@@ -47,7 +55,7 @@ def agree(
     """
     deadline = time.monotonic() + timeout
     try:  # not awaited: store's True/False is only the last replica's answer, what members read back decides
-        dht.store(key, digest, get_dht_time() + RECORD_LIFETIME, subkey=me, return_future=True)
+        dht.store(key, [key, digest], get_dht_time() + AGREEMENT_LIFETIME, subkey=me, return_future=True)
     except Exception as e:
         return f"could not publish the digest: {one_line(e)}"
     while True:
@@ -71,4 +79,10 @@ def _published(dht: hivemind.DHT, key: str, deadline: float) -> dict:
         return {}
     if found is None or not isinstance(found.value, dict):
         return {}
-    return {subkey: entry.value for subkey, entry in found.value.items()}
+    published = {}
+    for subkey, entry in found.value.items():
+        try:
+            published[subkey] = parse_agreement(key, entry.value)
+        except ValueError as e:  # counts as a differing digest: the member cannot be agreed with
+            published[subkey] = f"malformed ({e})"
+    return published

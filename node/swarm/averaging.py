@@ -65,6 +65,8 @@ class FailureKind(enum.StrEnum):
     MALFORMED_GATHER = "malformed-gather"  # a member did not say which round it averages
     MIXED_ROUNDS = "mixed-rounds"  # the group mixed rounds
     DISAGREEMENT = "disagreement"  # the members did not all publish the same digest of the result
+    # Not the averager's: the peer did not average, having committed to the round under a model it no longer holds
+    SAT_OUT = "sat-out"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Every reducer sketches (protocol.sketch, the round's seed) each part it receives
 received (decompressed, before clipping or averaging), and reports per sender: the weight the sender
 claimed, the flat range [offset, offset + length) of the gradient it received, and the sum of those
 parts' sketches. The sketch is linear, so the reports of all reducers for one sender must cover the
-gradient exactly once and add up to the sketch the sender committed; ``check_binding`` checks that.
+gradient exactly once and add up to the sketch the sender committed; ``check_binding`` checks that for the
+reports of one all-reduce group, ``check_groups`` for every group the sender was in during the round (a
+peer's failed attempt and its retry are two groups; an honest peer sends its one commitment in each).
 
 Flat order: the tensors passed to RoundAverager.average, in order, each flattened (the order of
 protocol.sketch.sketch_tensors).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -120,3 +122,19 @@ def check_binding(
         return BindingProblem(BindingKind.MISMATCH, f"the parts' sketches differ from the committed sketch by "
                                                     f"{error:.3g} (tolerance {tolerance:g})")
     return None
+
+
+def check_groups(
+    committed_sketch: Sequence[float] | torch.Tensor,
+    committed_weight: float,
+    groups: Mapping[bytes, Sequence[swarm_pb2.PartSketch]],
+    total_length: int,
+    tolerance: float,
+) -> Optional[BindingProblem]:
+    """``check_binding`` on the reports of each group (group id -> reports) separately: reports of two groups
+    are two sendings and never add up. The first evidence found in any group, else the first other problem,
+    else None."""
+    problems = [check_binding(committed_sketch, committed_weight, reports, total_length, tolerance)
+                for _, reports in sorted(groups.items())]
+    found = [problem for problem in problems if problem is not None]
+    return next((problem for problem in found if problem.kind.is_evidence), found[0] if found else None)

@@ -15,10 +15,9 @@ import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.dht import dht_get
-from protocol.keys import progress_key
+from protocol.keys import PROGRESS_LIFETIME, progress_key
 
 logger = logging.getLogger(__name__)
-PROGRESS_LIFETIME = 60.0  # seconds
 
 
 @dataclass(frozen=True)

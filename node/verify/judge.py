@@ -7,8 +7,9 @@ evidence, and ``grpo-swarm bench verifier`` hands it evidence made offline. In o
    (SIGNATURE), of this run, kind and round, with a fresh nonce (RECORD);
 2. the contribution against θ_r and the rollouts (audit.py, IDENTITY through SURPRISAL);
 3. binding: the reducers' sketches of what the sender sent add up to its committed sketch, with the
-   committed token count as weight (node/swarm/binding.py). Reports that leave part of the gradient
-   unreported (a reducer failed) or contradict each other are no evidence either way.
+   committed token count as weight (node/swarm/binding.py), in each all-reduce group the sender was in.
+   Reports that leave part of the gradient unreported (a reducer failed) or contradict each other are no
+   evidence either way.
 
 No judgement (None) when the contribution was made from another model than the verifier's θ_r.
 """
@@ -18,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from google.protobuf.message import Message
 
-from node.swarm.binding import check_binding
+from node.swarm.binding import check_groups
 from node.train.learner import Learner
 from node.verify.audit import AuditFailure, AuditReport, audit_report
 from node.verify.checks import Check
@@ -61,13 +62,14 @@ def open_signed(data: bytes, *, run_id: str, round_: int, kind: str, body_type: 
 
 
 def judge_contribution(config: RunConfig, task: Task, learner: Learner, *, peer_id: str, round_: int,
-                       records: Sequence[bytes], bundle: bytes, parts: Sequence[swarm_pb2.PartSketch],
+                       records: Sequence[bytes], bundle: bytes,
+                       parts: Mapping[bytes, Sequence[swarm_pb2.PartSketch]],
                        bound_key: Optional[bytes], replay: ReplayGuard, rng: random.Random, model_digest: str,
                        total_length: int) -> Optional[AuditReport]:
     """What the checks found about ``peer_id``'s round ``round_`` (see the module doc); None: no judgement.
 
     :param records, bundle: what the peer served as its contribution
-    :param parts: what reducers reported it sent them (their records already checked)
+    :param parts: what reducers reported it sent them, by all-reduce group (their records already checked)
     :param model_digest: of ``learner``'s model, θ_r
     :param total_length: the gradient's length in the flat order of node/swarm/binding.py
     """
@@ -84,8 +86,8 @@ def judge_contribution(config: RunConfig, task: Task, learner: Learner, *, peer_
     report.contribution_digest = record_digest(record)
     if not report.passed or not parts:
         return report
-    problem = check_binding(contribution.sketch, contribution.token_count, parts, total_length,
-                            config.trust.binding_tolerance)
+    problem = check_groups(contribution.sketch, contribution.token_count, parts, total_length,
+                           config.trust.binding_tolerance)
     if problem is not None and problem.kind.is_evidence:
         report.check, report.evidence = Check.BINDING, str(problem)
     elif problem is not None:  # a reducer that failed or contradicts others: no evidence against the sender

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from hivemind.utils.timed_storage import get_dht_time
 from rich.console import Console
 
 from node.peer.session import open_session
@@ -36,11 +35,10 @@ from node.verify.audit import AuditFailure, AuditReport
 from node.verify.checks import Check
 from node.verify.judge import judge_contribution, open_signed
 from protocol import swarm_pb2
-from protocol.keys import contributions_key, verdicts_key
+from protocol.keys import VERDICT_LIFETIME, contributions_key, verdicts_key
 from protocol.records import ReplayGuard, sign_record
 
 logger = logging.getLogger(__name__)
-VERDICT_LIFETIME = 3600.0
 FETCH_TIMEOUT = 20.0
 POLL_INTERVAL = 0.5
 
@@ -102,15 +100,16 @@ class Verifier:
         for peer_id in sorted((trainers | set(reports)) - self.flagged):
             if self.rng.random() >= self.config.trust.audit_rate:
                 continue
-            verdict = self.audit_peer(round_, peer_id, reports.get(peer_id, []))
+            verdict = self.audit_peer(round_, peer_id, reports.get(peer_id, {}))
             if verdict is not None:
                 self.publish(verdict)
                 verdicts.append(verdict)
         return verdicts
 
-    def binding_reports(self, round_: int, reducers: set[str]) -> dict[str, list[swarm_pb2.PartSketch]]:
-        """{sender: the parts reducers say it sent them}, from reducers' own signed records."""
-        reports: dict[str, list] = {}
+    def binding_reports(self, round_: int, reducers: set[str]) -> dict[str, dict[bytes, list[swarm_pb2.PartSketch]]]:
+        """{sender: {group id: the parts reducers of that group say it sent them}}, from reducers' own signed
+        records."""
+        reports: dict[str, dict[bytes, list]] = {}
         for reducer in sorted(reducers):
             try:
                 records, _ = self.peer.service.fetch(reducer, round_, RoundData.BINDINGS, FETCH_TIMEOUT)
@@ -126,7 +125,7 @@ class Verifier:
                     logger.warning(f"binding report of {reducer} dropped: {e}")
                     continue
                 for part in binding.parts:
-                    reports.setdefault(part.sender, []).append(part)
+                    reports.setdefault(part.sender, {}).setdefault(binding.group_id, []).append(part)
         return reports
 
     def bound_key(self, peer_id: str) -> Optional[bytes]:
@@ -140,13 +139,15 @@ class Verifier:
             raise NoVerdict(f"{peer_id} holds no current token as far as this verifier knows")
         return token.public_key
 
-    def audit_peer(self, round_: int, peer_id: str, parts: list) -> Optional[swarm_pb2.Verdict]:
+    def audit_peer(self, round_: int, peer_id: str,
+                   parts: dict[bytes, list[swarm_pb2.PartSketch]]) -> Optional[swarm_pb2.Verdict]:
         try:
             records, bundle = self.peer.service.fetch(peer_id, round_, RoundData.CONTRIBUTION, FETCH_TIMEOUT)
             bound_key = self.bound_key(peer_id)
         except NotHeld as e:
             if parts and not e.evicted(self.config.trust.rollout_history):
-                return AuditReport(Check.COMMITMENT, f"sent {len(parts)} parts to the all-reduce but shows no "
+                sent = sum(len(group) for group in parts.values())
+                return AuditReport(Check.COMMITMENT, f"sent {sent} parts to the all-reduce but shows no "
                                                      f"contribution ({e})").verdict(peer_id, round_)
             logger.info(f"cannot audit {peer_id} in round {round_}: {e}")
             return None
@@ -163,7 +164,7 @@ class Verifier:
     def publish(self, verdict: swarm_pb2.Verdict) -> None:
         record = sign_record(self.session.key, "verdict", self.config.run.id, verdict.round, verdict)
         self.peer.dht.store(verdicts_key(self.config.run.id, verdict.round), record.SerializeToString(),
-                            get_dht_time() + VERDICT_LIFETIME, subkey=f"{self.peer_id}/{verdict.peer_id}",
+                            record.timestamp + VERDICT_LIFETIME, subkey=f"{self.peer_id}/{verdict.peer_id}",
                             return_future=True)
         if self.session.membership is not None:
             self.session.membership.client.report_verdict(verdict)

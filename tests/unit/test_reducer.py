@@ -10,7 +10,7 @@ from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 
 from node.bench.trust import ATTACKS, CLIP_FACTORS, binding_errors, bound_rows
 from node.swarm.averaging import AllReduceOutcome, admitted_peer_ids
-from node.swarm.binding import AllReduceReport, BindingKind, check_binding
+from node.swarm.binding import AllReduceReport, BindingKind, check_binding, check_groups
 from node.swarm.clipping import clip_to_median, clipped_mean
 from node.swarm.hivemind.codecs import make_compression
 from node.swarm.hivemind.offline import simulate_allreduce
@@ -140,6 +140,24 @@ def test_check_binding_tells_its_reasons_apart():
         check_binding(committed, 3.0, [parts[0], part_sketch(vector, *spans[1], sender="t")], TOTAL, 1e-5)
     with pytest.raises(ValueError, match="tolerance"):
         check_binding(committed, 3.0, parts, TOTAL, 0.0)
+
+
+
+def test_each_group_of_a_round_is_checked_on_its_own():
+    """A failed attempt and its retry are two groups that split the gradient differently: together their
+    reports overlap (no evidence), each alone must bind the sender, and evidence in either one counts."""
+    vector = flat(senders(1)[0])
+    committed = sketch_flat(vector, 0, SEED).tolist()
+    first = [part_sketch(vector, 0, 20000), part_sketch(vector, 20000, TOTAL - 20000)]
+    retry = [part_sketch(vector, 0, 12000), part_sketch(vector, 12000, TOTAL - 12000)]
+    assert check_binding(committed, 3.0, first + retry, TOTAL, 1e-5).kind == BindingKind.INCONSISTENT
+    assert check_groups(committed, 3.0, {b"first": first, b"retry": retry}, TOTAL, 1e-5) is None
+    assert check_groups(committed, 3.0, {}, TOTAL, 1e-5) is None
+    lied_once = {b"first": first[:1], b"retry": [retry[0], part_sketch(1.01 * vector, 12000, TOTAL - 12000)]}
+    assert check_groups(committed, 3.0, lied_once, TOTAL, 1e-5).kind == BindingKind.MISMATCH
+    other_weight = {b"a": first, b"b": [part_sketch(vector, 0, TOTAL, weight=4.0)]}
+    assert check_groups(committed, 3.0, other_weight, TOTAL, 1e-5).kind == BindingKind.WEIGHT
+    assert check_groups(committed, 3.0, {b"a": first[:1]}, TOTAL, 1e-5).kind == BindingKind.INCOMPLETE
 
 
 def test_clipping_bounds_one_huge_sender():

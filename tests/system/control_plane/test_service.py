@@ -9,8 +9,9 @@ import pytest
 from coordinator.dashboard.format import short_id
 from node.peer.announce import published_runs
 from node.peer.coordinator_client import CoordinatorClient, CoordinatorError, admin_action, registration_record
-from node.swarm.admission import Admission, dht_auth_kwargs
+from node.swarm.admission import Admission
 from node.swarm.dht import LOOPBACK, DHTSettings, start_dht
+from node.swarm.run_records import dht_auth_kwargs
 from protocol import swarm_pb2
 from protocol.identity import SigningKey, binding_bytes, hivemind_public_key
 from protocol.keyfiles import generate_key

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.system.swarm.peer_worker import STATE_METADATA
-from tests.system.swarm.rounds import MARGIN, WEIGHTS, assert_all_agree_on_mean, run_round
+from tests.system.swarm.rounds import MARGIN, WEIGHTS, assert_all_agree_on_mean, run_agreed_round, run_round
 
 OUTSIDER_STATE_ROUND = 99
 LEADER_HEAD_START = 1.0  # seconds; the peer that starts matchmaking first leads the group
@@ -89,5 +89,5 @@ def test_a_banned_peer_is_out_of_the_next_round(peers, module_swarm):
 
     for peer in peers[:2]:
         admit(peer, ids[:3])  # unbanned: back in the next round
-    results = run_round(peers[:3], 3, ready)
+    results = run_agreed_round(peers[:3], 3, ready)
     assert_all_agree_on_mean(module_swarm, results, 3, WEIGHTS)

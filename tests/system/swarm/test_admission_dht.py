@@ -3,14 +3,27 @@
 import time
 
 import pytest
+from hivemind.p2p import PeerID
 
-from node.swarm.admission import BANS_LIFETIME, Admission, dht_auth_kwargs, publish_bans, push_bans
+from node.swarm.admission import Admission, publish_bans, push_bans
+from node.swarm.agreement import group_key
 from node.swarm.dht import LOOPBACK, DHTSettings, SwarmJoinError, start_dht
+from node.swarm.progress import Progress, publish_progress, published_progress
+from node.swarm.run_records import dht_auth_kwargs
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity, SigningKey, hivemind_public_key
-from protocol.keys import bans_key, tokens_key
+from protocol.keys import (
+    BANS_LIFETIME,
+    averaging_prefix,
+    bans_key,
+    matchmaking_key,
+    progress_key,
+    state_donors_key,
+    tokens_key,
+)
 from protocol.records import sign_record
 from protocol.tokens import issue_token
+from tests.waiting import wait_for
 
 RUN = "adm"
 
@@ -51,15 +64,17 @@ def test_only_token_holders_join_and_a_ban_cuts_a_peer_off(dhts):
     first, _ = dhts("first", COORDINATOR)
     maddrs = [str(m) for m in first.get_visible_maddrs()]
     second, second_id = dhts("second", COORDINATOR, maddrs)
-    assert second.store("greeting", "hi", time.time() + 60)
-    assert first.get("greeting", latest=True).value == "hi"
+    publish_progress(second, RUN, second_id.peer_id, Progress(1, "ab" * 32))
+    wait_for(lambda: published_progress(first, RUN) == {second_id.peer_id: Progress(1, "ab" * 32)}, 10,
+             "progress record stored through an admitted peer", interval=0.2)
 
     with pytest.raises(SwarmJoinError, match="none of the initial_peers responded"):
         dhts("rogue", SigningKey(), maddrs)  # a token signed by someone else: every request refused
 
     push_bans(first, [second_id.peer_id])
-    second.store("after-ban", "x", time.time() + 60)
-    assert first.get("after-ban", latest=True) is None
+    publish_progress(second, RUN, second_id.peer_id, Progress(2, "cd" * 32))
+    time.sleep(1.0)
+    assert published_progress(first, RUN) == {second_id.peer_id: Progress(1, "ab" * 32)}
 
 
 def test_admission_reads_tokens_and_signed_bans_from_the_dht(dhts):
@@ -112,3 +127,34 @@ def test_dht_nodes_keep_only_the_coordinators_tokens_and_ban_lists(dhts):
     admission = Admission(RUN, COORDINATOR.public_key)
     admission.refresh(first)
     assert admission.banned == {"banned-peer"}
+
+
+def test_an_admitted_peer_cannot_poison_any_key_of_the_run(dhts):
+    """Every key has a rule on every DHT node (node/swarm/run_records.py; each rule in detail:
+    tests/unit/test_run_records.py). Here the poisoner is a real admitted DHT peer, and what honest peers read
+    back is what counts: the honest records, each still there, and nothing else."""
+    first, first_id = dhts("first", COORDINATOR)
+    second, second_id = dhts("second", COORDINATOR, [str(m) for m in first.get_visible_maddrs()])
+    honest = Progress(3, "ab" * 32)
+    publish_progress(first, RUN, first_id.peer_id, honest)
+    wait_for(lambda: published_progress(first, RUN) == {first_id.peer_id: honest}, 10, "honest progress",
+             interval=0.2)
+    now, progress, prefix = time.time(), progress_key(RUN), averaging_prefix(RUN)
+    second_bytes = PeerID.from_base58(second_id.peer_id).to_bytes()
+    poison = [
+        (progress, {"round": 4}, now + 60, first_id.peer_id),  # malformed, under the victim's subkey
+        (progress, {"round": 99, "digest": "ff" * 32}, now + 3600, first_id.peer_id),  # outliving its refreshes
+        (progress, {"round": 99, "digest": "ff" * 32}, now + 60, None),  # a plain value over every peer's
+        (progress, {"round": 99, "digest": "ff" * 32}, now + 60, "not-a-peer"),
+        ("greeting", "hi", now + 60, None),  # a key of no rule
+        (state_donors_key(prefix), float("inf"), now + 30, second_bytes),  # a priority above every honest one
+        (matchmaking_key(prefix), "yes", now + 5, second_bytes),
+        (group_key(prefix, 3, ["x"]), [group_key(prefix, 4, ["x"]), "ab" * 32], now + 60, second_id.peer_id),
+    ]
+    for key, value, expiration, subkey in poison:
+        second.store(key, value, expiration, subkey=subkey)
+    time.sleep(1.0)
+    assert published_progress(first, RUN) == {first_id.peer_id: honest}
+    assert published_progress(second, RUN) == {first_id.peer_id: honest}
+    for key, *_ in poison[4:]:
+        assert first.get(key, latest=True) is None, key

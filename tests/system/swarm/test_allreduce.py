@@ -5,13 +5,21 @@ import signal
 import torch
 
 from tests.system.swarm.peer_worker import STATE_METADATA, state_tensors
-from tests.system.swarm.rounds import MARGIN, SHAPES, WEIGHTS, assert_all_agree_on_mean, run_round, saved, start_three
+from tests.system.swarm.rounds import (
+    MARGIN,
+    SHAPES,
+    WEIGHTS,
+    assert_all_agree_on_mean,
+    run_agreed_round,
+    saved,
+    start_three,
+)
 
 
 def test_weighted_mean_of_three_peers_one_in_client_mode(swarm):
     peers, ready = start_three(swarm, "--client-mode", extra=("--target-group-size", "3"))
     for round_ in range(2):
-        results = run_round(peers, round_, ready)
+        results = run_agreed_round(peers, round_, ready)
         assert_all_agree_on_mean(swarm, results, round_, WEIGHTS)
 
 
@@ -20,7 +28,7 @@ def check_failure_round_then_recovery(swarm, stop_signal):
     within their bounds without disagreeing, then average round 2 between themselves."""
     peers, ready = start_three(swarm, "--stall-at-round", "1")
     survivors, victim = peers[:2], peers[2]
-    assert_all_agree_on_mean(swarm, run_round(peers, 0, ready), 0, WEIGHTS)
+    assert_all_agree_on_mean(swarm, run_agreed_round(peers, 0, ready), 0, WEIGHTS)
 
     for peer in peers:
         peer.send("average 1")
@@ -37,7 +45,7 @@ def check_failure_round_then_recovery(swarm, stop_signal):
             assert all(torch.equal(a, b) for a, b in zip(saved(swarm, rank, 1), reference, strict=True))
     print(f"round with {stop_signal!r}: {[(r['ok'], round(r['seconds'], 2), r['reason']) for r in results]}")
 
-    results = run_round(survivors, 2, ready)
+    results = run_agreed_round(survivors, 2, ready)
     assert_all_agree_on_mean(swarm, results, 2, {rank: WEIGHTS[rank] for rank in (0, 1)})
     print(f"recovery round: {[round(r['seconds'], 2) for r in results]} s")
 

@@ -8,7 +8,7 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
 from node.swarm.hivemind.codecs import COMPRESSIONS, make_compression
 from tests.system.swarm.peer_worker import input_seed, make_tensors
-from tests.system.swarm.rounds import SHAPES, WEIGHTS, run_round, saved, start_three, weighted_mean
+from tests.system.swarm.rounds import SHAPES, WEIGHTS, run_agreed_round, saved, start_three, weighted_mean
 
 # 8-bit buckets span the tensor's spread, so their error is bounded relative to its std (rms error / std)
 RMS_BOUNDS_8BIT = {"uniform8bit": 0.03, "quantile8bit": 0.05}
@@ -53,7 +53,7 @@ def test_unknown_compression_is_rejected():
 def test_uniform8bit_allreduce_averages(swarm):
     """If decoding failed, hivemind would keep each peer's own values; the result must be near the mean."""
     peers, ready = start_three(swarm, extra=("--compression", "uniform8bit", "--target-group-size", "3"))
-    results = run_round(peers, 0, ready)
+    results = run_agreed_round(peers, 0, ready)
     assert all(result["ok"] for result in results), [result["reason"] for result in results]
     assert len({result["digest"] for result in results}) == 1
     truth = weighted_mean(0, WEIGHTS)

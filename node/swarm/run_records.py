@@ -1,0 +1,287 @@
+"""Every DHT node of an admitted run holds every value under the run's keys to that key's rule.
+
+Any admitted peer can ask any DHT node to store any value under any key, subkey and expiration, and the
+value with the latest expiration wins (a plain value even replaces a whole subkey dictionary). So each
+DHT node refuses a record, whether a peer asks it to store one or another node returns one, unless it
+fits the rule of its key (``KeyRule``): its shape (plain or one subkey per peer), the subkey's form, the
+value's schema and size, and an expiration no later than the value's own lifetime allows.
+
+=================================  ==================  ===========================================  =========
+key (protocol/keys.py)             subkey              value                                        lives
+=================================  ==================  ===========================================  =========
+runs                               the run id          a "run" record the coordinator signed         1 h
+{run}.tokens                       peer id             the coordinator's token for that peer id      its token
+{run}.bans                         (plain)             the coordinator's signed ban list             1 h
+{run}.progress                     peer id             {round, digest}                               60 s
+{run}.r{N}.contrib                 peer id             a signed contribution of that peer, round N   300 s
+{run}.r{N}.verdicts                verifier/peer id    a signed verdict on that peer, round N        1 h
+{prefix}.digests.r{N}.{group}      peer id             [this key, a result digest]                   120 s
+{prefix}.0b (hivemind)             peer id bytes       bool: looking for a group                     matchmaking
+{prefix}.all_averagers (hivemind)  peer id bytes       a finite number: the state's priority         state period
+=================================  ==================  ===========================================  =========
+
+A node sees only the hash of a key, so round-indexed keys are recognised from their values: a signed
+record names its run, kind and round, an agreement digest names its key, and the node checks that these
+hash to the key the record is under. A key no rule claims is refused: an admitted run's DHT holds the
+run's records and nothing else. Signatures on signed records are checked here; that the signer is the peer
+its subkey names (the key its token binds) is checked by readers, who hold the tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+from node.errors import one_line
+from node.swarm.admission import read_ban_list, read_token
+from node.swarm.agreement import parse_agreement
+from node.swarm.hivemind.authorizer import SwarmAuthorizer
+from node.swarm.progress import Progress
+from protocol import swarm_pb2
+from protocol.identity import P2PIdentity
+from protocol.keys import (
+    AGREEMENT_LIFETIME,
+    BANS_LIFETIME,
+    CONTRIBUTION_LIFETIME,
+    PROGRESS_LIFETIME,
+    RUN_RECORD_LIFETIME,
+    RUNS_KEY,
+    VERDICT_LIFETIME,
+    averaging_prefix,
+    bans_key,
+    contributions_key,
+    matchmaking_key,
+    progress_key,
+    state_donors_key,
+    tokens_key,
+    verdicts_key,
+)
+from protocol.records import MAX_RECORD_BYTES, check_signature, parse_body, parse_record
+
+logger = logging.getLogger(__name__)
+EXPIRATION_SLACK = 30.0  # seconds an expiration may pass its value's lifetime (clock skew, signing then storing)
+# The coordinator stores tokens and ban lists with exactly their own expirations; a slack of 30 s would let an
+# old ban list outlive one signed less than 30 s after it.
+EXACT_SLACK = 1.0
+MAX_VALUE_BYTES = MAX_RECORD_BYTES + 16  # any key's, before parsing (a signed record and msgpack's header)
+MAX_SUBKEY_BYTES = 256  # two peer ids and a slash, in msgpack
+SMALL_VALUE_BYTES = 512  # progress, agreement digests, hivemind's flags and priorities
+TOKEN_BYTES = 4096
+# hivemind declares a matchmaking entry until the step's scheduled time and a state donor for its
+# declare_state_period (30 s by default); both are refreshed, so a cap of minutes loses nothing honest.
+HIVEMIND_LIFETIME = 300.0
+AGREEMENT_KEY = re.compile(r"^(?P<prefix>.+)\.digests\.r(?P<round>\d+)\.(?P<group>[0-9a-f]{16})$")
+
+
+class RefusedRecord(ValueError):
+    """A DHT record that breaks its key's rule; the message says which part."""
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """What a DHT node accepts under one key. ``check(subkey, value)`` parses both (raising on anything else)
+    and returns the latest expiration the value allows."""
+
+    name: str
+    subkeyed: bool
+    max_value_bytes: int
+    check: Callable[[Any, Any], float]
+    slack: float = EXPIRATION_SLACK
+
+
+class RunRecords(RecordValidatorBase):
+    """The rules of one admitted run's keys (see the module doc), for ``start_dht(record_validators=...)``."""
+
+    def __init__(self, run_id: str, coordinator_public_key: bytes):
+        self.run_id, self.coordinator_public_key = run_id, coordinator_public_key
+        self.prefix = averaging_prefix(run_id)
+        rules = [
+            KeyRule("runs", True, MAX_VALUE_BYTES, self._run),
+            KeyRule("tokens", True, TOKEN_BYTES, self._token, slack=EXACT_SLACK),
+            KeyRule("bans", False, MAX_VALUE_BYTES, self._bans, slack=EXACT_SLACK),
+            KeyRule("progress", True, SMALL_VALUE_BYTES, _progress),
+            KeyRule("matchmaking", True, SMALL_VALUE_BYTES, _matchmaking),
+            KeyRule("state donors", True, SMALL_VALUE_BYTES, _state_donor),
+        ]
+        keys = [RUNS_KEY, tokens_key(run_id), bans_key(run_id), progress_key(run_id), matchmaking_key(self.prefix),
+                state_donors_key(self.prefix)]
+        self._fixed = {_hashed(key): rule for key, rule in zip(keys, rules, strict=True)}
+
+    # ---- hivemind's interface -----------------------------------------------------------------------
+    def validate(self, record: DHTRecord) -> bool:
+        refused = self.refusal(record)
+        if refused is not None:
+            logger.info(f"DHT record refused: {refused}")
+        return refused is None
+
+    # ---- the rules ---------------------------------------------------------------------------------
+    def refusal(self, record: DHTRecord) -> Optional[str]:
+        """Why ``record`` breaks its key's rule; None when it fits."""
+        try:
+            self.check(record)
+        except Exception as e:  # anything a peer stored: undecodable, oversized, unsigned, stale, misplaced
+            return one_line(e)
+        return None
+
+    def check(self, record: DHTRecord) -> None:
+        """Raises RefusedRecord (or another error, while parsing) unless ``record`` fits its key's rule."""
+        if len(record.value) > MAX_VALUE_BYTES or len(record.subkey) > MAX_SUBKEY_BYTES:
+            raise RefusedRecord(f"a value of {len(record.value)} bytes under a subkey of {len(record.subkey)} (limits "
+                                f"{MAX_VALUE_BYTES}, {MAX_SUBKEY_BYTES})")
+        subkey = MSGPackSerializer.loads(record.subkey)  # None for a plain value (hivemind's subkey for one)
+        value = MSGPackSerializer.loads(record.value)
+        rule = self._fixed.get(record.key) or self._named_rule(record.key, value)
+        if rule.subkeyed != (subkey is not None):
+            raise RefusedRecord(f"{rule.name}: {'a plain value' if subkey is None else 'a subkey'} where "
+                                f"{'subkeys' if rule.subkeyed else 'a plain value'} belong")
+        if len(record.value) > rule.max_value_bytes:
+            raise RefusedRecord(f"{rule.name}: a value of {len(record.value)} bytes (limit {rule.max_value_bytes})")
+        latest = rule.check(subkey, value)
+        if not record.expiration_time <= latest + rule.slack:
+            raise RefusedRecord(f"{rule.name} under {subkey!r:.60}: expires {record.expiration_time - latest:.0f}s "
+                                f"after its value allows")
+
+    def _named_rule(self, key: bytes, value) -> KeyRule:
+        """The rule of a round-indexed key, from the value stored under it, which names that key."""
+        if isinstance(value, bytes):
+            record = parse_record(value)
+            if record.run_id == self.run_id and record.kind == "contribution":
+                expected = contributions_key(self.run_id, record.round)
+                rule = KeyRule("contributions", True, MAX_VALUE_BYTES, self._contribution)
+            elif record.run_id == self.run_id and record.kind == "verdict":
+                expected = verdicts_key(self.run_id, record.round)
+                rule = KeyRule("verdicts", True, MAX_VALUE_BYTES, self._verdict)
+            else:
+                raise RefusedRecord(f"a {record.kind!r} record of run {record.run_id!r} under a key of no rule")
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+            named = AGREEMENT_KEY.match(value[0])
+            if named is None or named["prefix"] != self.prefix:
+                raise RefusedRecord(f"a value naming key {value[0]!r:.80}, not one of this run's")
+            expected, rule = value[0], KeyRule("agreement", True, SMALL_VALUE_BYTES, _agreement)
+        else:
+            raise RefusedRecord(f"a value under a key of no rule: {value!r:.80}")
+        if _hashed(expected) != key:
+            raise RefusedRecord(f"{rule.name}: the value names key {expected!r}, not the one it is stored under")
+        return rule
+
+    def _run(self, subkey, value) -> float:
+        if subkey != self.run_id:
+            raise RefusedRecord(f"runs: an announcement of run {subkey!r:.60} in run {self.run_id!r}'s DHT")
+        record = _signed(value, self.run_id, "run")
+        if record.public_key != self.coordinator_public_key:
+            raise RefusedRecord("runs: an announcement not signed by the coordinator")
+        return record.timestamp + RUN_RECORD_LIFETIME
+
+    def _token(self, subkey, value) -> float:
+        if not isinstance(value, bytes):
+            raise RefusedRecord(f"tokens: {type(value).__name__}, not a token")
+        return read_token(value, self.coordinator_public_key, self.run_id, _peer_id(subkey)).expires_at
+
+    def _bans(self, subkey, value) -> float:
+        if not isinstance(value, bytes):
+            raise RefusedRecord(f"bans: {type(value).__name__}, not a ban list")
+        signed_at, _ = read_ban_list(value, self.coordinator_public_key, self.run_id)
+        return signed_at + BANS_LIFETIME
+
+    def _contribution(self, subkey, value) -> float:
+        record = _signed(value, self.run_id, "contribution")
+        contribution = parse_body(record, swarm_pb2.Contribution)
+        if contribution.peer_id != _peer_id(subkey):
+            raise RefusedRecord(f"contributions: {contribution.peer_id!r:.60}'s contribution under {subkey!r:.60}")
+        return record.timestamp + CONTRIBUTION_LIFETIME
+
+    def _verdict(self, subkey, value) -> float:
+        record = _signed(value, self.run_id, "verdict")
+        verdict = parse_body(record, swarm_pb2.Verdict)
+        verifier, _, contributor = subkey.partition("/") if isinstance(subkey, str) else ("", "", "")
+        _peer_id(verifier)
+        if contributor != verdict.peer_id or verdict.round != record.round:
+            raise RefusedRecord(f"verdicts: a verdict on {verdict.peer_id!r:.60} under {subkey!r:.60}")
+        return record.timestamp + VERDICT_LIFETIME
+
+
+def _hashed(key: str) -> bytes:
+    return DHTID.generate(source=key).to_bytes()
+
+
+def _peer_id(subkey) -> str:
+    """``subkey`` if it is a peer id in base58 (how our records name peers)."""
+    if not isinstance(subkey, str) or not 0 < len(subkey) <= 128:
+        raise RefusedRecord(f"subkey {subkey!r:.60} is not a peer id")
+    try:
+        _multihash(PeerID.from_base58(subkey).to_bytes())
+    except Exception:
+        raise RefusedRecord(f"subkey {subkey!r:.60} is not a peer id") from None
+    return subkey
+
+
+def _peer_id_bytes(subkey) -> PeerID:
+    """``subkey`` if it is a peer id in bytes (how hivemind's averager names peers)."""
+    if not isinstance(subkey, bytes):
+        raise RefusedRecord(f"subkey {subkey!r:.60} is not a peer id")
+    _multihash(subkey)
+    return PeerID(subkey)
+
+
+def _multihash(data: bytes) -> None:
+    """A libp2p peer id is the multihash of its public key: sha2-256 (code 0x12, 32 bytes; RSA keys) or identity
+    (code 0x00, the key itself, at most 42 bytes; Ed25519 keys). PeerID parses any bytes, so we check."""
+    if data[:2] == b"\x12\x20" and len(data) == 34:
+        return
+    if len(data) >= 2 and data[0] == 0 and data[1] <= 42 and len(data) == 2 + data[1]:
+        return
+    raise RefusedRecord(f"{data!r:.60} is not a peer id (a sha2-256 or identity multihash)")
+
+
+def _signed(value, run_id: str, kind: str) -> swarm_pb2.SignedRecord:
+    """A signed record of ``kind`` in ``run_id``, signed when it says (not later than the slack from now)."""
+    record = parse_record(value)
+    check_signature(record)
+    if record.run_id != run_id or record.kind != kind:
+        raise RefusedRecord(f"a {record.kind!r} record of run {record.run_id!r} where a {kind!r} record belongs")
+    if not math.isfinite(record.timestamp) or record.timestamp > get_dht_time() + EXPIRATION_SLACK:
+        raise RefusedRecord(f"a {kind} record signed in the future ({record.timestamp})")
+    return record
+
+
+def _progress(subkey, value) -> float:
+    _peer_id(subkey)
+    Progress.parse(value)
+    return get_dht_time() + PROGRESS_LIFETIME
+
+
+def _agreement(subkey, value) -> float:
+    _peer_id(subkey)
+    parse_agreement(value[0], value)
+    return get_dht_time() + AGREEMENT_LIFETIME
+
+
+def _matchmaking(subkey, value) -> float:
+    _peer_id_bytes(subkey)
+    if not isinstance(value, bool):
+        raise RefusedRecord(f"matchmaking: {value!r:.60} is not a flag")
+    return get_dht_time() + HIVEMIND_LIFETIME
+
+
+def _state_donor(subkey, value) -> float:
+    _peer_id_bytes(subkey)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RefusedRecord(f"state donors: {value!r:.60} is not a finite priority")
+    return get_dht_time() + HIVEMIND_LIFETIME
+
+
+def dht_auth_kwargs(identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
+                    token: swarm_pb2.AccessToken) -> dict:
+    """Extra start_dht kwargs for a DHT that speaks only to admitted peers (node/swarm/admission.py) and keeps
+    only the run's records, each to its key's rule."""
+    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token),
+            "record_validators": [RunRecords(run_id, coordinator_public_key)]}
