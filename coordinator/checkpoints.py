@@ -3,28 +3,29 @@
 The coordinator holds no model of its own while the run goes: it downloads the state peers serve to
 joiners (node/train/state.py: parameters, optimizer tensors, round) as a client-mode
 averager, loads it into a scratch copy of the run's model and writes node.train.checkpoint's safetensors
-format with the run config. A served state is untrusted: it is checked whole before anything is copied
-(``load_served_state``), and refused when peers at the same round publish a different model digest.
-A new peer starts from a checkpoint with ``node.train.checkpoint.load_checkpoint``.
+format with the run config. Only the state more than half of the live trainers published (signed progress
+records) is taken, from one of them, and it is checked whole against that round and model digest before
+anything is copied (node/peer/state_sync.py). A new peer starts from a checkpoint with
+``node.train.checkpoint.load_checkpoint``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
+from node.peer.state_sync import load_vouched_state
 from node.swarm.averaging import RoundAverager
-from node.swarm.progress import published_progress
+from node.swarm.progress import KeyOf, majority_position, published_progress
 from node.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from node.train.learner import Learner
 from node.train.models import Policy
-from node.train.state import StateError, load_served_state
 from node.train.warm_start import warm_started_policy
 from protocol.config import RunConfig
-from protocol.digest import model_digest
 from protocol.tasks import load_task
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,6 @@ def due_round(last_saved: int, config: RunConfig) -> int:
     if every == 0:
         return last
     return min((last_saved // every + 1) * every, last)
-
-
-def progress_digests(dht, run_id: str, round_: int) -> set[str]:
-    """Model digests that live peers publish for ``round_``."""
-    return {p.digest for p in published_progress(dht, run_id).values() if p.round == round_}
 
 
 def scratch_model(dht, config: RunConfig) -> tuple[Policy, Learner, RoundAverager]:
@@ -65,13 +61,14 @@ class Checkpointer:
     :param furthest_round: the furthest round peers reported running (the ledger's); the state they serve
       after it is of the next round
     :param root: folder of ``round-NNNNNN`` checkpoints; the latest one there is where it resumes
-    :param admitted: the peer ids state may come from (registered and not banned); None: any peer
+    :param key_of: the signing key of a registered, unbanned peer (None for anyone else): progress records
+      count, and state may come from, only such peers
     """
 
     def __init__(self, dht, config: RunConfig, root: str | Path, furthest_round: Callable[[], int],
-                 admitted: Optional[Callable[[], Iterable[str]]] = None, poll: float = POLL_SECONDS):
+                 key_of: KeyOf, poll: float = POLL_SECONDS):
         self.dht, self.config, self.root = dht, config, Path(root)
-        self.furthest_round, self.admitted, self.poll = furthest_round, admitted, poll
+        self.furthest_round, self.key_of, self.poll = furthest_round, key_of, poll
         latest = latest_checkpoint(self.root)
         self.last_saved = read_checkpoint(latest).round if latest is not None else 0
         self.policy, self.learner, self.averager = scratch_model(dht, config)
@@ -113,21 +110,20 @@ class Checkpointer:
                 logger.info(f"saved checkpoint {path}")
 
     def take(self) -> Optional[Path]:
-        """Download the current state from peers and save it; None when no newer state was served."""
-        if self.admitted is not None:
-            self.averager.set_admitted(self.admitted())
-        served = self.averager.load_state_from_peers(timeout=self.config.swarm.state_timeout)
-        if served is None:
-            logger.info("no peer served its state")
+        """Download the state most live trainers vouch for and save it; None when there is none newer than the
+        last checkpoint, or none of them served exactly it."""
+        progress = published_progress(self.dht, self.config.run.id, self.key_of)
+        position = majority_position(progress)
+        if position is None or position.round <= self.last_saved:
+            logger.info(f"no newer state that most of the {len(progress)} live trainers vouch for")
             return None
-        round_ = load_served_state(self.learner.params, self.learner.optimizer, *served)
-        if round_ <= self.last_saved:
+        donors = [peer for peer, published in progress.items() if published == position]
+        random.shuffle(donors)
+        self.averager.set_admitted(donors)
+        load = load_vouched_state(self.averager, self.learner, position, donors, self.config.swarm.state_timeout)
+        if load.donor is None:
             return None
-        digest = model_digest(self.policy.model)
-        published = progress_digests(self.dht, self.config.run.id, round_)
-        if published and digest not in published:
-            raise StateError(f"state of round {round_} has model digest {digest[:12]}, peers at that round "
-                             f"publish {', '.join(sorted(d[:12] for d in published))}")
-        path = save_checkpoint(self.root, round_, self.policy.model, self.learner.optimizer, self.config.to_dict())
-        self.last_saved = round_
+        path = save_checkpoint(self.root, position.round, self.policy.model, self.learner.optimizer,
+                               self.config.to_dict())
+        self.last_saved = position.round
         return path

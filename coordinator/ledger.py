@@ -175,9 +175,10 @@ class Ledger:
         with self._write(nonce, timestamp) as db:
             db.execute("UPDATE peers SET last_seen = ? WHERE peer_id = ?", (now, peer_id))
 
-    def admitted_peers(self) -> list[str]:
-        """Registered peers that are not banned."""
-        return [row[0] for row in self._read("SELECT peer_id FROM peers WHERE banned = 0 ORDER BY peer_id")]
+    def signing_key_of(self, peer_id: str) -> Optional[bytes]:
+        """The Ed25519 key a registered, unbanned peer signs its records with; None for anyone else."""
+        row = self.peer(peer_id)
+        return None if row is None or row.banned else row.public_key
 
     def banned_peers(self) -> list[str]:
         return [row[0] for row in self._read("SELECT peer_id FROM peers WHERE banned = 1 ORDER BY peer_id")]

@@ -115,7 +115,7 @@ def run_coordinator(settings: CoordinatorSettings, config: RunConfig, console: O
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         # Before any gRPC thread runs: it forks hivemind's averager process, and must be made in this thread.
         console.print(f"loading the model of run {config.run.id!r} (checkpoints are taken into it)", soft_wrap=True)
-        checkpointer = Checkpointer(dht, config, out / "checkpoints", ledger.furthest_round, ledger.admitted_peers)
+        checkpointer = Checkpointer(dht, config, out / "checkpoints", ledger.furthest_round, ledger.signing_key_of)
         parts.append(checkpointer.stop)
 
         service = CoordinatorService(ledger, key, admin_key=admin_key, token_lifetime=token_lifetime,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Mapping, Optional
 
 import torch
 
@@ -19,5 +20,9 @@ def tensors_digest(named: list[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def model_digest(model: torch.nn.Module) -> str:
-    return tensors_digest(sorted(model.state_dict().items()))
+def model_digest(model: torch.nn.Module, replaced: Optional[Mapping[int, torch.Tensor]] = None) -> str:
+    """The digest of ``model``, or with ``replaced`` ({id(parameter): tensor}) the digest it would have with
+    those parameters replaced: a served state is checked before it is loaded."""
+    replaced = replaced or {}
+    state = model.state_dict(keep_vars=True)
+    return tensors_digest([(name, replaced.get(id(tensor), tensor)) for name, tensor in sorted(state.items())])

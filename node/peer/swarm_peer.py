@@ -23,9 +23,9 @@ TrainerDecisions (trainer.py), which attackers override.
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -33,14 +33,15 @@ from typing import Iterator, Optional
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
+from node.peer.state_sync import load_vouched_state
 from node.peer.trainer import ServedContribution, TrainerDecisions
 from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundAverager, RoundFailure
 from node.swarm.dht import dht_get
-from node.swarm.progress import Progress, publish_progress, published_progress
+from node.swarm.progress import Progress, majority_position, publish_progress, published_progress
 from node.swarm.round_data import RoundData, RoundDataService, RpcError
 from node.train.checkpoint import load_checkpoint
 from node.train.learner import Gradient, Learner, ScoredBatch, batch_metrics
-from node.train.state import StateError, load_served_state, served_state
+from node.train.state import served_state
 from node.train.warm_start import warm_started_policy
 from protocol.digest import model_digest
 from protocol.keys import CONTRIBUTION_LIFETIME, contributions_key
@@ -101,6 +102,9 @@ class SwarmPeer(TrainerDecisions):
         self.round = 0
         self.digest = model_digest(self.policy.model)  # of the model we hold now; kept current
         self.commitment: Optional[Commitment] = None  # the latest round this peer committed to
+        # peers this peer caught breaking the protocol itself (a donor serving another state than it published, a
+        # reducer returning a non-finite average) -> what it did; not asked or averaged with again
+        self.excluded: dict[str, str] = {}
         self.averager = RoundAverager.for_run(dht, config, self.learner.params,
                                               state_provider=self.state if serve_state else None)
         self.service = RoundDataService(dht, config.run.id, config.trust.rollout_history, self.is_admitted).start()
@@ -109,11 +113,23 @@ class SwarmPeer(TrainerDecisions):
     def is_admitted(self, peer_id: str) -> bool:
         return self.admission is None or peer_id == self.peer_id or self.admission.token_of(peer_id) is not None
 
+    def exclude(self, culprits: dict[str, str]) -> None:
+        """Stop asking and averaging with peers caught breaking the protocol (in an open swarm, where anyone may
+        join a group, they are only no longer asked for state)."""
+        for peer, what in culprits.items():
+            if peer not in self.excluded:
+                logger.warning(f"{self.peer_id}: excluding {peer}: {what}")
+                self.excluded[peer] = what
+        if culprits:
+            self.refresh_admission()
+
     def refresh_admission(self) -> None:
-        """Re-read tokens and bans; the averager takes only admitted peers into the next group."""
+        """Re-read tokens and bans (the coordinator's and the donors caught lying to this peer); the averager takes
+        only admitted peers into the next group."""
         if self.admission is None:
             return
         self.admission.refresh(self.dht)
+        self.admission.banned |= set(self.excluded)
         if self.membership is not None:
             self.admission.banned |= self.membership.banned
         self.averager.set_admitted(self.admission.admitted() | {self.peer_id})
@@ -128,28 +144,28 @@ class SwarmPeer(TrainerDecisions):
         """What a joining peer downloads: parameters, optimizer state and the round they belong to."""
         return served_state(self.learner.params, self.learner.optimizer, self.round)
 
-    def load_state(self, metadata: dict, tensors: list[torch.Tensor]) -> None:
-        """Take a state a peer served; all or nothing (a partial one raises StateError, changing nothing)."""
-        self.round = load_served_state(self.learner.params, self.learner.optimizer, metadata, tensors)
-        self.digest = model_digest(self.policy.model)
-
     def load_checkpoint(self, path) -> None:
         """Start from a coordinator checkpoint (model and optimizer) instead of θ_0."""
         checkpoint = load_checkpoint(path, self.policy.model, self.learner.optimizer)  # verified its digest
         self.round, self.digest = checkpoint.round, checkpoint.model_digest
-        self.averager.state_sharing_priority = self.round
 
-    def sync_from_peers(self) -> bool:
-        """Take the current state from the swarm; False when no peer served one in time."""
-        loaded = self.averager.load_state_from_peers(timeout=self.config.swarm.state_timeout)
-        if loaded is None:
+    def sync_from_peers(self, position: Optional[Progress] = None) -> bool:
+        """Load the state at ``position`` (default: the one most of the other live identities published) from a
+        peer that published it (state_sync.py); False when there is none, or none served it in time. A peer
+        that serves another state than it published is not asked again and, in an admitted run, no longer
+        averaged with."""
+        others = self.others_progress()
+        position = position or majority_position(others)
+        if position is None or position == Progress(self.round, self.digest):
             return False
-        try:
-            self.load_state(*loaded)
-        except StateError as e:
-            logger.warning(f"{self.peer_id}: state from peers refused: {e}")
+        donors = [peer for peer, published in others.items() if published == position and peer not in self.excluded]
+        random.shuffle(donors)
+        load = load_vouched_state(self.averager, self.learner, position, donors, self.config.swarm.state_timeout)
+        self.exclude(load.refused)
+        if load.donor is None:
             return False
-        logger.info(f"{self.peer_id}: loaded state of round {self.round} from peers")
+        self.round, self.digest = position.round, position.digest
+        logger.info(f"{self.peer_id}: loaded state of round {self.round} from {load.donor}")
         return True
 
     def catch_up(self, attempts: int = 6, wait: float = 2.0) -> bool:
@@ -181,6 +197,7 @@ class SwarmPeer(TrainerDecisions):
             outcome = self.averager.average(tensors, weight, r, sketch_seed=seed, max_weight=self.max_weight,
                                             clip_factor=config.trust.clip_factor)
             self.keep_bindings(r, outcome)
+            self.exclude({peer: f"returned a non-finite average in round {r}" for peer in outcome.culprits})
             metrics.update(gradient.metrics, group_size=outcome.group_size, allreduce_seconds=outcome.allreduce_seconds,
                            average_seconds=outcome.seconds)
             if not outcome.ok:
@@ -192,7 +209,6 @@ class SwarmPeer(TrainerDecisions):
         self.round = r + 1
         self.commitment = None
         self.digest = model_digest(self.policy.model)
-        self.averager.state_sharing_priority = self.round
         self.publish_progress()
         metrics["model_digest"] = self.digest
         return RoundReport(r, metrics)
@@ -252,16 +268,22 @@ class SwarmPeer(TrainerDecisions):
 
     # ---- where the swarm stands -----------------------------------------------------------------
     def publish_progress(self) -> None:
-        """Tell the swarm our round and model digest."""
-        publish_progress(self.dht, self.config.run.id, self.peer_id, Progress(self.round, self.digest))
+        """Tell the swarm our round and model digest, signed."""
+        publish_progress(self.dht, self.key, self.config.run.id, self.peer_id, Progress(self.round, self.digest))
+
+    def key_of(self, peer_id: str) -> Optional[bytes]:
+        """The signing key ``peer_id``'s current token binds; None when it holds none (or is banned)."""
+        token = self.admission.token_of(peer_id)
+        return None if token is None else token.public_key
 
     def others_progress(self) -> dict[str, Progress]:
-        """{peer: Progress} of the other live peers."""
-        return {peer: progress for peer, progress in published_progress(self.dht, self.config.run.id).items()
+        """{peer: Progress} of the other live peers (in an admitted run, each signed by its token's key)."""
+        key_of = None if self.admission is None else self.key_of
+        return {peer: progress for peer, progress in published_progress(self.dht, self.config.run.id, key_of).items()
                 if peer != self.peer_id}
 
     def furthest_other_round(self) -> int:
-        """The furthest round another live peer published (-1: none)."""
+        """The furthest round another live peer published (-1: none). A claim, not a position to trust."""
         return max((p.round for p in self.others_progress().values()), default=-1)
 
     def peers_behind(self) -> int:
@@ -269,18 +291,18 @@ class SwarmPeer(TrainerDecisions):
         return sum(p.round < self.round for p in self.others_progress().values())
 
     def check_in_step(self) -> SyncOutcome:
-        """Compare with the swarm; resync when behind or outvoted."""
+        """Compare with the swarm; resync when behind the majority, or outvoted at our own round."""
         others = self.others_progress()
         if not others:
             return SyncOutcome.ALONE
-        if max(p.round for p in others.values()) > self.round:
-            return SyncOutcome.RESYNCED_BEHIND if self.sync_from_peers() else SyncOutcome.BEHIND_NO_STATE
-        same_round = [p.digest for p in others.values() if p.round == self.round]
-        if same_round:
-            votes = collections.Counter(same_round + [self.digest])
-            winner, count = votes.most_common(1)[0]
-            if winner != self.digest and count > 1:
-                return SyncOutcome.RESYNCED_DIGEST if self.sync_from_peers() else SyncOutcome.OUTVOTED_NO_STATE
+        majority = majority_position(others)
+        if majority is not None and majority.round > self.round:
+            return SyncOutcome.RESYNCED_BEHIND if self.sync_from_peers(majority) else SyncOutcome.BEHIND_NO_STATE
+        mine = Progress(self.round, self.digest)
+        at_our_round = {peer: p for peer, p in others.items() if p.round == self.round}
+        winner = majority_position({**at_our_round, self.peer_id: mine})
+        if winner is not None and winner != mine:
+            return SyncOutcome.RESYNCED_DIGEST if self.sync_from_peers(winner) else SyncOutcome.OUTVOTED_NO_STATE
         return SyncOutcome.IN_STEP
 
     def shutdown(self) -> None:

@@ -65,6 +65,7 @@ class FailureKind(enum.StrEnum):
     MALFORMED_GATHER = "malformed-gather"  # a member did not say which round it averages
     MIXED_ROUNDS = "mixed-rounds"  # the group mixed rounds
     DISAGREEMENT = "disagreement"  # the members did not all publish the same digest of the result
+    NON_FINITE = "non-finite"  # a reducer returned a NaN or an infinity (outcome.culprits): never stepped on
     # Not the averager's: the peer did not average, having committed to the round under a model it no longer holds
     SAT_OUT = "sat-out"
 
@@ -124,6 +125,12 @@ class AllReduceOutcome:
     @property
     def reason(self) -> str:
         return "" if self.failure is None else str(self.failure)
+
+    @property
+    def culprits(self) -> list[str]:
+        """Members this peer saw break the protocol on its own authenticated streams (a reducer that returned a
+        non-finite average): evidence enough to stop averaging with them."""
+        return list(self.report.non_finite_from) if self.report is not None else []
 
     def bindings(self) -> list[swarm_pb2.Binding]:
         """One Binding per sender (a small record each): what it sent this peer as a reducer."""
@@ -202,17 +209,6 @@ class RoundAverager:
         """Upper bound on the duration of one ``average`` call."""
         return self.matchmaking_timeout + self.allreduce_timeout + self.agreement_timeout + 2 * HOST_GRACE
 
-    @property
-    def state_sharing_priority(self) -> float:
-        """Joining peers download state from the peer with the highest priority (we use the round)."""
-        return self._averager.state_sharing_priority
-
-    @state_sharing_priority.setter
-    def state_sharing_priority(self, value: float) -> None:
-        if self._averager.allow_state_sharing:
-            with self._pipe_lock:
-                self._averager.state_sharing_priority = value
-
     def set_admitted(self, peer_ids: Optional[Iterable[str]]) -> None:
         """From now on, average with, serve and load state from only these peers (libp2p peer ids, which the
         p2p layer authenticates); this peer itself is always admitted. None: anyone (an open swarm).
@@ -267,7 +263,11 @@ class RoundAverager:
         except CancelledError:
             return failed(FailureKind.CANCELLED, "cancelled by shutdown()")
         except Exception as e:  # hivemind failures: no group, timeouts, dropped peers, partial all-reduce
-            return failed(FailureKind.ALLREDUCE, one_line(e), report=self._take_report())
+            report = self._take_report()
+            if report is not None and report.non_finite_from:
+                return failed(FailureKind.NON_FINITE, f"{', '.join(report.non_finite_from)} returned a non-finite "
+                                                      f"average", report)
+            return failed(FailureKind.ALLREDUCE, one_line(e), report=report)
         report = self._take_report()
         if len(gathered) < 2:
             return failed(FailureKind.ALONE, "no other peer joined", report=report)
@@ -297,14 +297,15 @@ class RoundAverager:
             report=report,
         )
 
-    def load_state_from_peers(self, timeout: float) -> Optional[Tuple[dict, list]]:
-        """(metadata, tensors) served by some peer's ``state_provider``, or None if none answered in time."""
+    def download_state(self, peer_id: str, timeout: float) -> Optional[Tuple[dict, list]]:
+        """(metadata, tensors) ``peer_id``'s ``state_provider`` serves; None if it refused, is not admitted, or did
+        not serve it within ``timeout``. The caller checks the state: it comes from a stranger."""
         try:
             with self._pipe_lock:
-                future = self._averager.load_state_from_peers(wait=False)
+                future = self._averager.download_state(peer_id)
             return future.result(timeout=timeout)
         except Exception as e:
-            logger.warning(f"could not load state from peers: {one_line(e)}")
+            logger.warning(f"could not load state from {peer_id}: {one_line(e)}")
             return None
 
     def shutdown(self) -> None:

@@ -73,6 +73,7 @@ class AllReduceReport:
     group_id: bytes
     members: list[str]  # the group as formed, in hivemind's order (the i-th member reduces the i-th span)
     received: dict[str, swarm_pb2.PartSketch] = field(default_factory=dict)  # sender -> what we received
+    non_finite_from: list[str] = field(default_factory=list)  # reducers that sent this peer a NaN or an infinity
 
 
 def check_binding(

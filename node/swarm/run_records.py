@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -45,7 +46,7 @@ from node.errors import one_line
 from node.swarm.admission import read_ban_list, read_token
 from node.swarm.agreement import parse_agreement
 from node.swarm.hivemind.authorizer import SwarmAuthorizer
-from node.swarm.progress import Progress
+from node.swarm.progress import read_progress
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity
 from protocol.keys import (
@@ -86,6 +87,33 @@ class RefusedRecord(ValueError):
     """A DHT record that breaks its key's rule; the message says which part."""
 
 
+class TokenBook:
+    """The signing key each admitted peer's token binds, as this DHT process has seen the tokens: in the requests
+    and responses its authorizer checked and in the token records it validated. A per-peer record signed by
+    another key than the one its subkey's peer holds is refused; a peer this process has not met yet is left
+    to the readers, who hold every token. At most MAX_PEERS peers are kept (the expired go first)."""
+
+    MAX_PEERS = 100_000
+
+    def __init__(self):
+        self._keys: dict[str, tuple[bytes, float]] = {}  # peer id -> (signing key, token expiry)
+
+    def add(self, token: swarm_pb2.AccessToken) -> None:
+        known = self._keys.get(token.peer_id)
+        if known is None or token.expires_at >= known[1]:
+            self._keys[token.peer_id] = (token.public_key, token.expires_at)
+        if len(self._keys) > self.MAX_PEERS:
+            now = time.time()
+            self._keys = {peer: entry for peer, entry in self._keys.items() if entry[1] > now}
+            while len(self._keys) > self.MAX_PEERS:
+                self._keys.pop(next(iter(self._keys)))
+
+    def check_signer(self, peer_id: str, signer: bytes, what: str) -> None:
+        known = self._keys.get(peer_id)
+        if known is not None and known[0] != signer:
+            raise RefusedRecord(f"{what}: a record under {peer_id} signed by another key than its token's")
+
+
 @dataclass(frozen=True)
 class KeyRule:
     """What a DHT node accepts under one key. ``check(subkey, value)`` parses both (raising on anything else)
@@ -101,14 +129,15 @@ class KeyRule:
 class RunRecords(RecordValidatorBase):
     """The rules of one admitted run's keys (see the module doc), for ``start_dht(record_validators=...)``."""
 
-    def __init__(self, run_id: str, coordinator_public_key: bytes):
+    def __init__(self, run_id: str, coordinator_public_key: bytes, book: Optional[TokenBook] = None):
         self.run_id, self.coordinator_public_key = run_id, coordinator_public_key
+        self.book = book if book is not None else TokenBook()
         self.prefix = averaging_prefix(run_id)
         rules = [
             KeyRule("runs", True, MAX_VALUE_BYTES, self._run),
             KeyRule("tokens", True, TOKEN_BYTES, self._token, slack=EXACT_SLACK),
             KeyRule("bans", False, MAX_VALUE_BYTES, self._bans, slack=EXACT_SLACK),
-            KeyRule("progress", True, SMALL_VALUE_BYTES, _progress),
+            KeyRule("progress", True, SMALL_VALUE_BYTES, self._progress),
             KeyRule("matchmaking", True, SMALL_VALUE_BYTES, _matchmaking),
             KeyRule("state donors", True, SMALL_VALUE_BYTES, _state_donor),
         ]
@@ -184,7 +213,14 @@ class RunRecords(RecordValidatorBase):
     def _token(self, subkey, value) -> float:
         if not isinstance(value, bytes):
             raise RefusedRecord(f"tokens: {type(value).__name__}, not a token")
-        return read_token(value, self.coordinator_public_key, self.run_id, _peer_id(subkey)).expires_at
+        token = read_token(value, self.coordinator_public_key, self.run_id, _peer_id(subkey))
+        self.book.add(token)
+        return token.expires_at
+
+    def _progress(self, subkey, value) -> float:
+        signer, _ = read_progress(value, self.run_id)
+        self.book.check_signer(_peer_id(subkey), signer, "progress")
+        return get_dht_time() + PROGRESS_LIFETIME
 
     def _bans(self, subkey, value) -> float:
         if not isinstance(value, bytes):
@@ -197,15 +233,16 @@ class RunRecords(RecordValidatorBase):
         contribution = parse_body(record, swarm_pb2.Contribution)
         if contribution.peer_id != _peer_id(subkey):
             raise RefusedRecord(f"contributions: {contribution.peer_id!r:.60}'s contribution under {subkey!r:.60}")
+        self.book.check_signer(subkey, record.public_key, "contributions")
         return record.timestamp + CONTRIBUTION_LIFETIME
 
     def _verdict(self, subkey, value) -> float:
         record = _signed(value, self.run_id, "verdict")
         verdict = parse_body(record, swarm_pb2.Verdict)
         verifier, _, contributor = subkey.partition("/") if isinstance(subkey, str) else ("", "", "")
-        _peer_id(verifier)
         if contributor != verdict.peer_id or verdict.round != record.round:
             raise RefusedRecord(f"verdicts: a verdict on {verdict.peer_id!r:.60} under {subkey!r:.60}")
+        self.book.check_signer(_peer_id(verifier), record.public_key, "verdicts")
         return record.timestamp + VERDICT_LIFETIME
 
 
@@ -253,12 +290,6 @@ def _signed(value, run_id: str, kind: str) -> swarm_pb2.SignedRecord:
     return record
 
 
-def _progress(subkey, value) -> float:
-    _peer_id(subkey)
-    Progress.parse(value)
-    return get_dht_time() + PROGRESS_LIFETIME
-
-
 def _agreement(subkey, value) -> float:
     _peer_id(subkey)
     parse_agreement(value[0], value)
@@ -283,5 +314,6 @@ def dht_auth_kwargs(identity: P2PIdentity, coordinator_public_key: bytes, run_id
                     token: swarm_pb2.AccessToken) -> dict:
     """Extra start_dht kwargs for a DHT that speaks only to admitted peers (node/swarm/admission.py) and keeps
     only the run's records, each to its key's rule."""
-    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token),
-            "record_validators": [RunRecords(run_id, coordinator_public_key)]}
+    book = TokenBook()  # shared in the DHT process: the authorizer meets tokens, the rules use their keys
+    return {"authorizer": SwarmAuthorizer(identity, coordinator_public_key, run_id, token, on_token=book.add),
+            "record_validators": [RunRecords(run_id, coordinator_public_key, book)]}

@@ -17,7 +17,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from node.peer.announce import publish_run
 from node.swarm.admission import publish_bans, push_token
 from node.swarm.agreement import agree, group_key
-from node.swarm.progress import Progress, publish_progress
+from node.swarm.progress import Progress, progress_record, publish_progress
 from node.swarm.run_records import RunRecords
 from protocol import keys, swarm_pb2
 from protocol.config import RunConfig
@@ -37,6 +37,7 @@ def new_identity() -> P2PIdentity:
 
 IDENTITY = new_identity()
 PEER, OTHER = IDENTITY.peer_id, new_identity().peer_id
+PEER_KEY = SigningKey()  # the key PEER's token binds
 RULES = RunRecords(RUN, COORDINATOR.public_key)
 
 
@@ -66,7 +67,8 @@ def signed(kind: str, round_: int, body, key: SigningKey = None, run_id: str = R
 
 
 def token(peer_id=PEER, signer=COORDINATOR, lifetime=60.0):
-    return issue_token(signer, peer_id=peer_id, public_key=SigningKey().public_key,
+    key = PEER_KEY if peer_id == PEER else SigningKey()
+    return issue_token(signer, peer_id=peer_id, public_key=key.public_key,
                        p2p_public_key=hivemind_public_key(IDENTITY.public_der), run_id=RUN, role="trainer",
                        lifetime=lifetime)
 
@@ -75,8 +77,9 @@ def flip_last_byte(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 1])
 
 
-def contribution(round_=3, peer_id=PEER):
-    return signed("contribution", round_, swarm_pb2.Contribution(peer_id=peer_id, token_count=9.0, sketch=[0.5] * 256))
+def contribution(round_=3, peer_id=PEER, key=PEER_KEY):
+    return signed("contribution", round_, swarm_pb2.Contribution(peer_id=peer_id, token_count=9.0, sketch=[0.5] * 256),
+                  key=key)
 
 
 def verdict(round_=3, peer_id=PEER):
@@ -90,7 +93,7 @@ def written_by_the_run() -> dict[str, DHTRecord]:
     publish_run(dht, config, COORDINATOR, coordinator_address="127.0.0.1:1")
     push_token(dht, token())
     publish_bans(dht, COORDINATOR, RUN, [OTHER])
-    publish_progress(dht, RUN, PEER, Progress(4, DIGEST))
+    publish_progress(dht, PEER_KEY, RUN, PEER, Progress(4, DIGEST))
     agree(dht, group_key(PREFIX, 4, ["a", "b"]), PEER, [PEER], DIGEST, timeout=0.01)
     now = time.time()
     dht.store(keys.contributions_key(RUN, 3), contribution(), now + keys.CONTRIBUTION_LIFETIME, subkey=PEER)
@@ -136,20 +139,26 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
     """Per key: records an admitted peer could store to bury, fake or overflow the real ones."""
     p = PEER
     progress, contributions = keys.progress_key(RUN), keys.contributions_key(RUN, 3)
+    RULES.book.add(token())  # this DHT node has met PEER: it knows the key PEER signs with
+    forged = progress_record(SigningKey(), RUN, Progress(4, DIGEST))
+    honest = progress_record(PEER_KEY, RUN, Progress(4, DIGEST))
     agreement = group_key(PREFIX, 4, ["a", "b"])
     peer_bytes = PeerID.from_base58(PEER).to_bytes()
     return {
         "progress": [
             as_record(progress, {"round": 4}, now + 60, subkey=p),  # the malformed value that once stopped every node
-            as_record(progress, {"round": "4", "digest": DIGEST}, now + 60, subkey=p),
-            as_record(progress, {"round": 4, "digest": DIGEST}, now + 60),  # plain: would replace every peer's
-            as_record(progress, {"round": 4, "digest": DIGEST}, now + 3600, subkey=p),  # outlives every refresh
-            as_record(progress, {"round": 4, "digest": "x" * 5000}, now + 60, subkey=p),
-            as_record(progress, {"round": 4, "digest": DIGEST}, now + 60, subkey="not-a-peer"),
-            as_record(progress, {"round": 4, "digest": DIGEST}, now + 60, subkey=peer_bytes),
+            as_record(progress, {"round": 4, "digest": DIGEST}, now + 60, subkey=p),  # unsigned
+            as_record(progress, forged, now + 60, subkey=p),  # signed by another key than p's token binds
+            as_record(progress, honest, now + 60),  # plain: would replace every peer's
+            as_record(progress, honest, now + 3600, subkey=p),  # outlives every refresh
+            as_record(progress, progress_record(PEER_KEY, RUN, Progress(4, "x" * 5000)), now + 60, subkey=p),
+            as_record(progress, progress_record(PEER_KEY, "elsewhere", Progress(4, DIGEST)), now + 60, subkey=p),
+            as_record(progress, honest, now + 60, subkey="not-a-peer"),
+            as_record(progress, honest, now + 60, subkey=peer_bytes),
         ],
         "contributions": [
             as_record(contributions, contribution(peer_id=OTHER), now + 60, subkey=p),  # someone else's, under p
+            as_record(contributions, contribution(key=SigningKey()), now + 60, subkey=p),  # not signed by p's key
             as_record(contributions, contribution(round_=4), now + 60, subkey=p),  # round 4's under round 3's key
             as_record(contributions, flip_last_byte(contribution()), now + 60, subkey=p),  # a broken signature
             as_record(contributions, contribution(), now + 3600, subkey=p),

@@ -9,7 +9,6 @@ from node.peer.settings import PeerSettings
 from node.peer.swarm_peer import SyncOutcome
 from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundFailure, RoundGather
 from node.swarm.dht import DHTSettings
-from node.swarm.progress import Progress
 from protocol.config import ConfigError
 
 
@@ -20,14 +19,6 @@ def test_a_round_gather_survives_the_wire_and_a_malformed_one_is_refused():
                 [7, b"short"], [7, "x" * 8], {"round": 7}):
         with pytest.raises(ValueError, match="not a round gather"):
             RoundGather.from_wire(bad)
-
-
-def test_a_progress_record_is_parsed_strictly():
-    assert Progress.parse({"round": 3, "digest": "ab"}) == Progress(3, "ab")
-    for bad in (None, 3, {"round": 3}, {"round": "3", "digest": "ab"}, {"round": -1, "digest": "ab"},
-                {"round": 3, "digest": 5}, {"round": 3, "digest": "ab", "extra": 1}, {"round": False, "digest": ""}):
-        with pytest.raises(ValueError, match="not a progress record"):
-            Progress.parse(bad)
 
 
 def test_outcomes_carry_a_kind_not_text_to_parse():

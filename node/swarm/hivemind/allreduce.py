@@ -9,7 +9,9 @@ that is a mismatch every round. Here the reducer of a part encodes the average o
 bytes to every sender, itself included; senders overwrite their values with the decoded average.
 
 hivemind also treats a reducer that failed (its part keeps the local values) or a sender that was
-dropped (the part was averaged without it) as success. ExactAllReduceRunner raises instead.
+dropped (the part was averaged without it) as success. ExactAllReduceRunner raises instead, and also when
+a reducer returned a NaN or an infinity, naming that reducer (``non_finite_from``): the bytes came over its
+own authenticated stream, so no other peer can be framed for them.
 
 Its reducer is CheckedPartReducer (reducer.py: checks, weight cap, binding sketches, clipping), swapped in
 for the TensorPartReducer hivemind's constructor builds.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Dict
+from typing import AsyncIterator, Dict, Set
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
@@ -44,6 +46,15 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.tensor_part_container.return_deltas = False  # outputs are averages; a failed reducer leaves local values
         self._encoded_averages: Dict[int, asyncio.Future] = {}
         self.refusals: Dict[PeerID, str] = {}  # senders dropped for what they sent, and why
+        self.non_finite_from: Set[PeerID] = set()  # reducers that returned a NaN or an infinity
+        register = self.tensor_part_container.register_processed_part
+
+        def register_finite_only(peer_index: int, part_index: int, part: torch.Tensor) -> None:
+            if not bool(torch.isfinite(part).all()):
+                self.non_finite_from.add(self.ordered_peer_ids[peer_index])
+            register(peer_index, part_index, part)
+
+        self.tensor_part_container.register_processed_part = register_finite_only
         # hivemind built a plain TensorPartReducer; replace it before anything uses it
         self.tensor_part_reducer = CheckedPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging),
@@ -119,6 +130,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             raise AllreduceException(
                 f"partial all-reduce: dropped senders {sorted(map(str, self.banned_senders))}{refused}"
             )
+        if self.non_finite_from:
+            raise AllreduceException(f"reducers returned non-finite averages: {sorted(map(str, self.non_finite_from))}")
         failed_size = self.tensor_part_container.failed_size
         if failed_size:
             raise AllreduceException(f"partial all-reduce: {failed_size} values not averaged (a reducer failed)")

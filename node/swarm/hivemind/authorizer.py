@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from google.protobuf.message import DecodeError
 from hivemind.proto.auth_pb2 import AccessToken as HivemindToken
@@ -45,9 +45,10 @@ class SwarmAuthorizer(TokenAuthorizerBase):
     """hivemind DHT authorizer admitting holders of a current, unbanned token of this run."""
 
     def __init__(self, identity: P2PIdentity, coordinator_public_key: bytes, run_id: str,
-                 token: swarm_pb2.AccessToken):
+                 token: swarm_pb2.AccessToken, on_token: Callable[[swarm_pb2.AccessToken], None] = lambda token: None):
+        """``on_token`` hears of every valid token a request or response carried."""
         super().__init__(local_private_key=identity.hivemind_key())
-        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
+        self.coordinator_public_key, self.run_id, self.on_token = coordinator_public_key, run_id, on_token
         self.banned: frozenset[str] = frozenset()
         self._pushed = token
 
@@ -65,6 +66,7 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         except (TokenError, ValueError, DecodeError) as e:  # the token comes from the requesting peer
             logger.debug(f"DHT request refused: {e}")
             return False
+        self.on_token(token)
         return token.peer_id not in self.banned
 
     def does_token_need_refreshing(self, access_token: HivemindToken) -> bool:

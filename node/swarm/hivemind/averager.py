@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from typing import AsyncIterator, Callable, FrozenSet, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +26,7 @@ from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import deserialize_tensor_stream
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import MPFuture, ValueWithExpiration
+from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
 
 from node.errors import one_line
@@ -85,6 +84,12 @@ class ExactAverager(DecentralizedAverager):
     def set_rules(self, rules: ReduceRules) -> None:
         """How this peer reduces its parts in the all-reduces of the following steps."""
         self._outer_pipe.send(("_set_rules", [rules], {}))
+
+    def download_state(self, peer_id: str) -> MPFuture:
+        """Future of the (metadata, tensors) ``peer_id`` serves; None if it refused, failed or is not admitted."""
+        future = MPFuture()
+        self._outer_pipe.send(("_download_state_of", [peer_id], dict(future=future)))
+        return future
 
     def take_report(self) -> MPFuture:
         """Future of the report of the current step's all-reduce (None if its group never formed); once."""
@@ -149,33 +154,15 @@ class ExactAverager(DecentralizedAverager):
         async for message in super().rpc_download_state(request, context):
             yield message
 
-    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None) -> None:
-        """hivemind's, downloading only from admitted peers (a banned one could serve a poisoned model)."""
+    async def _download_state_of(self, peer_id: str, future: MPFuture) -> None:
+        """Download ``peer_id``'s state if it is admitted (the host chose it: it vouched for the state)."""
         try:
-            for peer in await self._state_donors():
-                state = await self._download_state(peer)
-                if state is not None:
-                    future.set_result(state)
-                    return
+            peer = PeerID.from_base58(peer_id)
         except Exception as e:
-            logger.warning(f"could not load state from peers: {one_line(e)}")
-        finally:
-            if not future.done():
-                future.set_result(None)
-
-    async def _state_donors(self) -> list:
-        """Admitted peers that declared their state for download, highest priority first (ties at random)."""
-        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
-        found = await self.dht.get(key, latest=True, return_future=True)
-        declared = found.value if found is not None and isinstance(found.value, dict) else {}
-        priorities = {}
-        for subkey, entry in declared.items():
-            priority = entry.value if isinstance(entry, ValueWithExpiration) else None
-            if isinstance(subkey, bytes) and isinstance(priority, (int, float)):
-                peer = PeerID(subkey)
-                if peer != self.peer_id and self._is_admitted(peer):
-                    priorities[peer] = (float(entry.value), random.random())
-        return sorted(priorities, key=priorities.get, reverse=True)
+            logger.warning(f"no state download from {peer_id!r:.60}: not a peer id ({one_line(e)})")
+            future.set_result(None)
+            return
+        future.set_result(await self._download_state(peer) if self._is_admitted(peer) else None)
 
     async def _download_state(self, peer: PeerID) -> Optional[Tuple[dict, list]]:
         """(metadata, tensors) served by ``peer``; None if it refused (it then sends nothing) or failed."""
@@ -231,6 +218,7 @@ class ExactAverager(DecentralizedAverager):
             runner.raise_if_partial()
         finally:
             self._report.received.update(runner.received_sketches())
+            self._report.non_finite_from = sorted(map(str, runner.non_finite_from))
 
     async def _shutdown(self, timeout: float) -> None:
         """hivemind's version calls finalize() on the runners' futures and raises if a round is in flight."""

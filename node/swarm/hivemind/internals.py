@@ -76,6 +76,7 @@ def internals_problems() -> list[str]:
                             "self.parts_for_local_averaging =", "self.tensor_part_reducer =", "self.sender_peer_ids =",
                             "self.banned_senders", "self.weight =")
     problems += _methods(TensorPartContainer, "register_processed_part", "get_raw_input_parts")
+    problems += _parameters(TensorPartContainer.register_processed_part, "peer_index", "part_index", "part")
     problems += _source_has(TensorPartContainer.__init__, "self.return_deltas =", "self.local_tensors",
                             "self.compression", "self.prefetch =", "self.failed_size =")
     problems += _parts_are_views()
@@ -85,7 +86,7 @@ def internals_problems() -> list[str]:
     problems += _source_has(TensorPartReducer.accumulate_part, "self.accumulator.add_(tensor_part, alpha=weight)")
     problems += _source_has(TensorPartReducer.check_current_part_finished, "self.accumulator.div_(self.denominator)")
     # averager.py: ExactAverager and AdmittingMatchmaking
-    problems += _methods(DecentralizedAverager, "_step", "_run_allreduce_inplace_", "_load_state_from_peers",
+    problems += _methods(DecentralizedAverager, "_step", "_run_allreduce_inplace_",
                          "_shutdown", "rpc_join_group", "rpc_aggregate_part", "rpc_download_state", "get_current_state",
                          "get_tensors", "get_stub", "remove_p2p_handlers")
     problems += _source_has(DecentralizedAverager._run_internal, "self._matchmaking = Matchmaking(",

@@ -1,8 +1,9 @@
 """A swarm peer reduced to what the coordinator's checkpointer meets: it serves its state in SwarmPeer.state's
-format and publishes (round, model digest) under the run's progress key, as node/peer/swarm_peer.py does.
+format and publishes its signed (round, model digest) under the run's progress key, as node/peer/swarm_peer.py does.
 
-Prints one JSON line {"event": "ready", "maddrs": [...], "digest": ...} and serves until stdin closes.
-``--lie`` publishes a digest that is not the served model's (a peer serving a poisoned state).
+Prints one JSON line {"event": "ready", "maddrs": [...], "peer_id": ..., "public_key": hex, "digest": ...}
+and serves until stdin closes. ``--lie`` publishes a digest that is not the served model's (a peer serving a
+poisoned state).
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import json
 import sys
 
 import torch
-from hivemind.utils.timed_storage import get_dht_time
 
 from node.swarm.averaging import RoundAverager
 from node.swarm.dht import LOOPBACK, DHTSettings, start_dht
+from node.swarm.progress import Progress, publish_progress
 from node.train.learner import Learner
 from node.train.models import load_policy
 from node.train.state import served_state
 from protocol.config import load_config
 from protocol.digest import model_digest
-from protocol.keys import progress_key
+from protocol.identity import SigningKey
 from protocol.tasks import load_task
 
 
@@ -47,13 +48,11 @@ def main() -> None:
     dht = start_dht(DHTSettings(initial_peers=args.initial_peers, host_maddrs=[LOOPBACK]))
     averager = RoundAverager.for_run(dht, config, learner.params,
                                      state_provider=lambda: served_state(learner.params, learner.optimizer, args.round))
-    averager.state_sharing_priority = args.round
-    digest = model_digest(learner.policy.model)
-    published = "0" * 64 if args.lie else digest
-    dht.store(progress_key(config.run.id), {"round": args.round, "digest": published}, get_dht_time() + 600,
-              subkey=str(dht.peer_id))
-    print(json.dumps({"event": "ready", "maddrs": [str(m) for m in dht.get_visible_maddrs()], "digest": digest}),
-          flush=True)
+    digest, key = model_digest(learner.policy.model), SigningKey()
+    published = Progress(args.round, "0" * 64 if args.lie else digest)
+    publish_progress(dht, key, config.run.id, str(dht.peer_id), published)
+    print(json.dumps({"event": "ready", "maddrs": [str(m) for m in dht.get_visible_maddrs()],
+                      "peer_id": str(dht.peer_id), "public_key": key.public_key.hex(), "digest": digest}), flush=True)
     sys.stdin.read()
     averager.shutdown()
     dht.shutdown()

@@ -12,15 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.checkpoints import Checkpointer, due_round
 from node.swarm.dht import LOOPBACK, DHTSettings, start_dht
+from node.swarm.progress import published_progress
 from node.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from node.train.export import export_checkpoint
 from node.train.models import load_policy
-from node.train.state import StateError, load_served_state, optimizer_tensors, served_state
+from node.train.state import StateError, check_served_state, load_served_state, optimizer_tensors, served_state
 from protocol.config import load_config
 from protocol.digest import model_digest
 from tests.command import grpo_swarm
 from tests.system.control_plane.state_server import trained_learner
 from tests.system.swarm.conftest import Peer
+from tests.waiting import wait_for
 
 STATE_SERVER = Path(__file__).with_name("state_server.py")
 CONFIG = '[run]\nid = "ckpt-test"\nrounds = 12\n\n[warm_start]\nsteps = 0\n\n[checkpoint]\nevery = 5\n'
@@ -47,9 +49,14 @@ def optimizer_snapshot(optimizer):
     return {k: v.clone() for k, v in tensors.items()}, groups
 
 
+def load(learner, metadata, tensors):
+    return load_served_state(learner.params, learner.optimizer,
+                             check_served_state(learner.params, learner.optimizer, metadata, tensors))
+
+
 def test_served_state_loads_exactly(config):
     source, target = trained_learner(config, seed=1), trained_learner(config, seed=2)
-    assert load_served_state(target.params, target.optimizer, *state_of(source, 7)) == 7
+    assert load(target, *state_of(source, 7)) == 7
     assert model_digest(target.policy.model) == model_digest(source.policy.model)
     loaded, groups = optimizer_snapshot(target.optimizer)
     expected, expected_groups = optimizer_snapshot(source.optimizer)
@@ -72,16 +79,30 @@ def damaged(case, metadata, tensors):
                                          params=metadata["param_groups"][0]["params"][:-1])]
     elif case == "optimizer key garbage":
         metadata["optimizer_keys"] = ["x.exp_avg"] + metadata["optimizer_keys"][1:]
+    elif case == "another dtype":
+        tensors[0] = tensors[0].double()
+    elif case == "a NaN weight":
+        tensors[0] = tensors[0].clone()
+        tensors[0].view(-1)[0] = float("nan")
+    elif case == "a zeroed learning rate":
+        metadata["param_groups"] = [dict(group, lr=0.0) for group in metadata["param_groups"]]
+    elif case in ("a negative second moment", "a moment of another shape", "an infinite moment"):
+        index = metadata["optimizer_keys"].index("0.exp_avg_sq") + len(tensors) - len(metadata["optimizer_keys"])
+        tensors[index] = {"a negative second moment": -tensors[index].abs() - 1,
+                          "a moment of another shape": tensors[index].reshape(-1)[:-1],
+                          "an infinite moment": tensors[index] + float("inf")}[case]
     return metadata, tensors
 
 
 @pytest.mark.parametrize("case", ["missing round", "negative round", "tensor missing", "wrong shape",
-                                  "optimizer of another model", "optimizer key garbage"])
+                                  "optimizer of another model", "optimizer key garbage", "another dtype",
+                                  "a NaN weight", "a zeroed learning rate", "a negative second moment",
+                                  "a moment of another shape", "an infinite moment"])
 def test_bad_served_state_changes_nothing(config, case):
     source, target = trained_learner(config, seed=1), trained_learner(config, seed=2)
     digest, (optimizer_before, groups_before) = model_digest(target.policy.model), optimizer_snapshot(target.optimizer)
     with pytest.raises(StateError):
-        load_served_state(target.params, target.optimizer, *damaged(case, *state_of(source, 7)))
+        load(target, *damaged(case, *state_of(source, 7)))
     assert model_digest(target.policy.model) == digest
     optimizer_after, groups_after = optimizer_snapshot(target.optimizer)
     assert groups_after == groups_before and all(torch.equal(optimizer_after[k], v)
@@ -123,10 +144,17 @@ def state_servers(tmp_path):
             peer.kill()
 
 
+def keys_of(*ready_events):
+    """key_of for a Checkpointer: the signing keys state servers published their progress with."""
+    keys = {ready["peer_id"]: bytes.fromhex(ready["public_key"]) for ready in ready_events}
+    return keys.get
+
+
 def test_checkpointer_takes_the_state_peers_serve(config, config_path, dht, state_servers, tmp_path):
     _, ready = state_servers(config_path, 5, [str(m) for m in dht.get_visible_maddrs()])
     # peers reported running round 4: they hold round 5's state, and 5 is due (checkpoint.every = 5)
-    checkpointer = Checkpointer(dht, config, tmp_path / "checkpoints", furthest_round=lambda: 4, poll=0.2)
+    checkpointer = Checkpointer(dht, config, tmp_path / "checkpoints", furthest_round=lambda: 4, key_of=keys_of(ready),
+                                poll=0.2)
     checkpointer.start()
     try:
         deadline = time.monotonic() + 120
@@ -136,19 +164,24 @@ def test_checkpointer_takes_the_state_peers_serve(config, config_path, dht, stat
         checkpointer.stop()
     saved = read_checkpoint(tmp_path / "checkpoints" / "round-000005")
     assert saved.round == 5 and saved.model_digest == ready["digest"] and saved.config == config.to_dict()
-    restarted = Checkpointer(dht, config, tmp_path / "checkpoints", lambda: 5)
+    restarted = Checkpointer(dht, config, tmp_path / "checkpoints", lambda: 5, key_of=keys_of(ready))
     restarted.stop()
     assert restarted.last_saved == 5  # a restarted coordinator goes on after its latest checkpoint
 
 
-def test_checkpointer_refuses_a_state_peers_disagree_with(config, config_path, dht, state_servers, tmp_path):
-    state_servers(config_path, 5, [str(m) for m in dht.get_visible_maddrs()], "--lie")
-    checkpointer = Checkpointer(dht, config, tmp_path / "checkpoints", furthest_round=lambda: 5)
+def test_checkpointer_takes_no_state_but_the_one_its_donor_published(config, config_path, dht, state_servers,
+                                                                       tmp_path):
+    """A donor that serves another model than its signed progress names, and progress signed by a key the
+    coordinator does not know, are no state to save."""
+    _, liar = state_servers(config_path, 5, [str(m) for m in dht.get_visible_maddrs()], "--lie")
+    checkpointer = Checkpointer(dht, config, tmp_path / "checkpoints", furthest_round=lambda: 5, key_of=keys_of(liar))
+    stranger = Checkpointer(dht, config, tmp_path / "checkpoints", furthest_round=lambda: 5, key_of=lambda peer: None)
     try:
-        with pytest.raises(StateError, match="peers at that round publish 000000000000"):
-            checkpointer.take()
+        wait_for(lambda: published_progress(dht, config.run.id), 30, "the state server's progress", interval=0.2)
+        assert checkpointer.take() is None and stranger.take() is None
     finally:
         checkpointer.stop()
+        stranger.stop()
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -1,6 +1,6 @@
 """One swarm peer in its own process, driven by the tests through stdin and reporting JSON lines on stdout.
 
-Commands (one per line): ``average ROUND [OPTION=VALUE ...]``, ``load_state TIMEOUT``,
+Commands (one per line): ``average ROUND [OPTION=VALUE ...]``, ``load_state TIMEOUT DONOR_PEER_ID``,
 ``admit all`` / ``admit PEER_ID,PEER_ID,...``, ``exit``.
 Events: ready, result, state, admitted, stalled, lookup, bye. Averaged tensors go to ``--out-dir`` as .pt files.
 
@@ -11,7 +11,7 @@ instead of ``--weight``, the committed one).
 
 ``--stall-at-round R`` injects a fault: in round R this peer's averager process freezes while serving
 its second averaged part (mid all-reduce), announces ``stalled``, and the test then SIGKILLs or
-SIGSTOPs the whole peer.
+SIGSTOPs the whole peer. ``--nan-reducer`` makes this peer a reducer that returns NaN for its parts.
 """
 
 from __future__ import annotations
@@ -75,6 +75,17 @@ def arm_stall_fault(part_index: int = 1) -> mp.synchronize.Event:
     return armed
 
 
+def arm_nan_reducer() -> None:
+    """Patch the reducer so that every part this peer reduces comes back to its group as NaN (a lying reducer:
+    every member receives the same bytes, so they agree on them). Inherited by the forked averager process."""
+    encode_average = ExactAllReduceRunner._encode_average
+
+    def nan_encode_average(runner, index, averaged_part):
+        return encode_average(runner, index, torch.full_like(averaged_part, float("nan")))
+
+    ExactAllReduceRunner._encode_average = nan_encode_average
+
+
 AVERAGE_OPTIONS = {"seed": int, "clip": float, "max_weight": float, "scale": float, "weight": float}
 
 
@@ -102,6 +113,7 @@ def run_average(averager: RoundAverager, args, shapes, round_: int, options: dic
         seconds=outcome.seconds,
         reason=outcome.reason,
         failure=outcome.failure.kind if outcome.failure else None,
+        culprits=outcome.culprits,
         inputs_unchanged=all(torch.equal(a, b) for a, b in zip(tensors, originals, strict=True)),
         members=report.members if report else [],
         group_id=report.group_id.hex() if report else "",
@@ -114,14 +126,14 @@ def run_average(averager: RoundAverager, args, shapes, round_: int, options: dic
 def serve_averager(args, dht) -> None:
     shapes = parse_shapes(args.shapes)
     stall = arm_stall_fault() if args.stall_at_round is not None else None
+    if args.nan_reducer:
+        arm_nan_reducer()
     metadata = dict(STATE_METADATA, round=args.state_round)
     swarm = SwarmSection(compression=args.compression, target_group_size=args.target_group_size,
                          matchmaking_time=args.matchmaking_time, allreduce_timeout=args.allreduce_timeout,
                          next_chunk_timeout=args.next_chunk_timeout, agreement_timeout=args.agreement_timeout)
     averager = RoundAverager(dht, shapes, swarm, prefix="test",
                              state_provider=(lambda: (metadata, state_tensors(shapes))) if args.serve_state else None)
-    if args.state_priority is not None:
-        averager.state_sharing_priority = args.state_priority
     emit("ready", maddrs=[str(m) for m in dht.get_visible_maddrs()], peer_id=averager.peer_id,
          max_seconds=averager.max_seconds)
     in_flight = None
@@ -135,7 +147,7 @@ def serve_averager(args, dht) -> None:
                                          args=(averager, args, shapes, round_, parse_options(params[1:])))
             in_flight.start()
         elif command == "load_state":
-            loaded = averager.load_state_from_peers(timeout=float(params[0]))
+            loaded = averager.download_state(params[1], timeout=float(params[0]))
             if loaded is not None:
                 torch.save(loaded[1], Path(args.out_dir) / f"rank{args.rank}_state.pt")
             emit("state", loaded=loaded is not None, metadata=loaded[0] if loaded else None)
@@ -179,8 +191,8 @@ def main() -> None:
     parser.add_argument("--agreement-timeout", type=float, default=5.0)
     parser.add_argument("--serve-state", action="store_true")
     parser.add_argument("--state-round", type=int, default=STATE_METADATA["round"], help="in the state served")
-    parser.add_argument("--state-priority", type=float, default=None)
     parser.add_argument("--stall-at-round", type=int, default=None)
+    parser.add_argument("--nan-reducer", action="store_true", help="return NaN for every part this peer reduces")
     parser.add_argument("--publish", default=None)
     parser.add_argument("--lookup", default=None)
     parser.add_argument("--out-dir", default=".")

@@ -23,8 +23,7 @@ def peers(module_swarm):
         first, ready,
         ["--rank", "1", "--weight", str(WEIGHTS[1]), "--serve-state"],
         ["--rank", "2", "--weight", str(WEIGHTS[2])],
-        ["--rank", "3", "--weight", "20", "--serve-state", "--state-round", str(OUTSIDER_STATE_ROUND),
-         "--state-priority", "99"],
+        ["--rank", "3", "--weight", "20", "--serve-state", "--state-round", str(OUTSIDER_STATE_ROUND)],
     )
     peers = [first, *others]
     return peers, [peer.ready["peer_id"] for peer in peers], ready
@@ -46,9 +45,11 @@ def test_an_outsider_cannot_join_a_group_or_download_state(peers, module_swarm):
     assert not results[3]["ok"], results[3]
     assert all(ids[3] not in result["members"] for result in results[:3])
 
-    peers[3].send("load_state 10")
+    peers[3].send(f"load_state 10 {ids[0]}")  # rank 0 serves no outsider
     assert not peers[3].expect("state", 10 + MARGIN)["loaded"]
-    peers[2].send("load_state 20")  # from rank 0 or 1: rank 3 declares a higher priority but is not admitted
+    peers[2].send(f"load_state 10 {ids[3]}")  # nor does rank 2 download from one
+    assert not peers[2].expect("state", 10 + MARGIN)["loaded"]
+    peers[2].send(f"load_state 20 {ids[0]}")
     state = peers[2].expect("state", 20 + MARGIN)
     assert state["loaded"] and state["metadata"] == STATE_METADATA, state
 

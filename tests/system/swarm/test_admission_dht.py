@@ -8,7 +8,7 @@ from hivemind.p2p import PeerID
 from node.swarm.admission import Admission, publish_bans, push_bans
 from node.swarm.agreement import group_key
 from node.swarm.dht import LOOPBACK, DHTSettings, SwarmJoinError, start_dht
-from node.swarm.progress import Progress, publish_progress, published_progress
+from node.swarm.progress import Progress, progress_record, publish_progress, published_progress
 from node.swarm.run_records import dht_auth_kwargs
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity, SigningKey, hivemind_public_key
@@ -28,8 +28,13 @@ from tests.waiting import wait_for
 RUN = "adm"
 
 
-def token_for(identity, signer, lifetime=60.0):
-    return issue_token(signer, peer_id=identity.peer_id, public_key=SigningKey().public_key,
+SIGNING_KEY, SECOND_KEY = SigningKey(), SigningKey()  # the keys the tokens of "first" and "second" bind
+KEYS = {"first": SIGNING_KEY, "second": SECOND_KEY}
+
+
+def token_for(identity, signer, lifetime=60.0, key=None):
+    key = key or SigningKey()
+    return issue_token(signer, peer_id=identity.peer_id, public_key=key.public_key,
                        p2p_public_key=hivemind_public_key(identity.public_der), run_id=RUN, role="trainer",
                        lifetime=lifetime)
 
@@ -43,8 +48,8 @@ def dhts(tmp_path):
         identity = P2PIdentity.load_or_create(tmp_path / name)
         settings = DHTSettings(initial_peers=list(initial_peers), host_maddrs=[LOOPBACK],
                                identity_path=str(tmp_path / name), join_retries=1)
-        dht = start_dht(settings, **dht_auth_kwargs(identity, COORDINATOR.public_key, RUN, token_for(identity, signer)),
-                        **kwargs)
+        token = token_for(identity, signer, key=KEYS.get(name))
+        dht = start_dht(settings, **dht_auth_kwargs(identity, COORDINATOR.public_key, RUN, token), **kwargs)
         started.append(dht)
         return dht, identity
 
@@ -64,7 +69,7 @@ def test_only_token_holders_join_and_a_ban_cuts_a_peer_off(dhts):
     first, _ = dhts("first", COORDINATOR)
     maddrs = [str(m) for m in first.get_visible_maddrs()]
     second, second_id = dhts("second", COORDINATOR, maddrs)
-    publish_progress(second, RUN, second_id.peer_id, Progress(1, "ab" * 32))
+    publish_progress(second, SECOND_KEY, RUN, second_id.peer_id, Progress(1, "ab" * 32))
     wait_for(lambda: published_progress(first, RUN) == {second_id.peer_id: Progress(1, "ab" * 32)}, 10,
              "progress record stored through an admitted peer", interval=0.2)
 
@@ -72,7 +77,7 @@ def test_only_token_holders_join_and_a_ban_cuts_a_peer_off(dhts):
         dhts("rogue", SigningKey(), maddrs)  # a token signed by someone else: every request refused
 
     push_bans(first, [second_id.peer_id])
-    publish_progress(second, RUN, second_id.peer_id, Progress(2, "cd" * 32))
+    publish_progress(second, SECOND_KEY, RUN, second_id.peer_id, Progress(2, "cd" * 32))
     time.sleep(1.0)
     assert published_progress(first, RUN) == {second_id.peer_id: Progress(1, "ab" * 32)}
 
@@ -136,16 +141,19 @@ def test_an_admitted_peer_cannot_poison_any_key_of_the_run(dhts):
     first, first_id = dhts("first", COORDINATOR)
     second, second_id = dhts("second", COORDINATOR, [str(m) for m in first.get_visible_maddrs()])
     honest = Progress(3, "ab" * 32)
-    publish_progress(first, RUN, first_id.peer_id, honest)
+    publish_progress(first, SIGNING_KEY, RUN, first_id.peer_id, honest)
     wait_for(lambda: published_progress(first, RUN) == {first_id.peer_id: honest}, 10, "honest progress",
              interval=0.2)
     now, progress, prefix = time.time(), progress_key(RUN), averaging_prefix(RUN)
+    ahead = progress_record(SECOND_KEY, RUN, Progress(99, "ff" * 32))
+    own_ahead = ahead
     second_bytes = PeerID.from_base58(second_id.peer_id).to_bytes()
     poison = [
         (progress, {"round": 4}, now + 60, first_id.peer_id),  # malformed, under the victim's subkey
-        (progress, {"round": 99, "digest": "ff" * 32}, now + 3600, first_id.peer_id),  # outliving its refreshes
-        (progress, {"round": 99, "digest": "ff" * 32}, now + 60, None),  # a plain value over every peer's
-        (progress, {"round": 99, "digest": "ff" * 32}, now + 60, "not-a-peer"),
+        (progress, ahead, now + 60, first_id.peer_id),  # signed by the poisoner, under the victim's subkey
+        (progress, own_ahead, now + 3600, second_id.peer_id),  # its own, outliving its refreshes
+        (progress, own_ahead, now + 60, None),  # a plain value over every peer's
+        (progress, own_ahead, now + 60, "not-a-peer"),
         ("greeting", "hi", now + 60, None),  # a key of no rule
         (state_donors_key(prefix), float("inf"), now + 30, second_bytes),  # a priority above every honest one
         (matchmaking_key(prefix), "yes", now + 5, second_bytes),
@@ -156,5 +164,6 @@ def test_an_admitted_peer_cannot_poison_any_key_of_the_run(dhts):
     time.sleep(1.0)
     assert published_progress(first, RUN) == {first_id.peer_id: honest}
     assert published_progress(second, RUN) == {first_id.peer_id: honest}
-    for key, *_ in poison[4:]:
-        assert first.get(key, latest=True) is None, key
+    for key, *_ in poison:
+        if key != progress:  # nothing else was ever stored under these keys
+            assert first.get(key, latest=True) is None, key

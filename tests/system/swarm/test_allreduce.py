@@ -11,6 +11,7 @@ from tests.system.swarm.rounds import (
     WEIGHTS,
     assert_all_agree_on_mean,
     run_agreed_round,
+    run_round,
     saved,
     start_three,
 )
@@ -76,10 +77,24 @@ def test_late_joiner_loads_exact_state(swarm):
     first, ready = swarm.start("--rank", "0", "--serve-state")
     swarm.start_joined(first, ready, ["--rank", "1", "--serve-state"])
     (joiner,) = swarm.start_joined(first, ready, ["--rank", "2"])
-    joiner.send("load_state 20")
+    joiner.send(f"load_state 20 {first.ready['peer_id']}")
     state = joiner.expect("state", 20 + MARGIN)
     assert state["loaded"] and state["metadata"] == STATE_METADATA
     loaded = torch.load(swarm.directory / "rank2_state.pt")
     expected = state_tensors(SHAPES)
     assert len(loaded) == len(expected)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
+
+
+def test_nobody_steps_on_a_non_finite_average_a_reducer_returns(swarm):
+    """Rank 2 sends NaN back for the part it reduces: every member receives the same bytes (they would agree on
+    them), and each refuses them before the step, names rank 2, and keeps its own tensors."""
+    peers, ready = start_three(swarm, "--nan-reducer", extra=("--target-group-size", "3"))
+    results = run_round(peers, 0, ready)
+    grouped = [result for result in results if result["group_size"] == 3]
+    assert grouped, [(result["failure"], result["reason"]) for result in results]
+    liar = peers[2].ready["peer_id"]
+    for result in grouped:
+        assert not result["ok"] and result["failure"] == "non-finite", result["reason"]
+        assert result["culprits"] == [liar], result  # named from the bytes on its own stream
+    assert not any((swarm.directory / f"rank{rank}_round0.pt").exists() for rank in range(3))

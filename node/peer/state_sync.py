@@ -1,0 +1,59 @@
+"""Loading the swarm's state from a peer (docs/DESIGN.md "Trust" 6): only the state a majority of the live
+identities vouches for, and only from a peer that vouched for it.
+
+A resyncing or joining peer and the coordinator's checkpointer each pick the position (round, model digest)
+more than half of the live identities published (node/swarm/progress.py ``majority_position``), download
+from one of the peers that published it, and check the state whole before a value changes: it must fit the
+model (node/train/state.py) and hash to the vouched digest at the vouched round. A donor whose state fails
+is named in the result, so the caller can stop asking it (and stop averaging with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from node.swarm.averaging import RoundAverager
+from node.swarm.progress import Progress
+from node.train.learner import Learner
+from node.train.state import StateError, check_served_state, load_served_state
+from protocol.digest import model_digest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StateLoad:
+    donor: Optional[str] = None  # whose state is now loaded; None: nothing was loaded
+    refused: dict[str, str] = field(default_factory=dict)  # donor -> why its state was refused
+
+
+def load_vouched_state(averager: RoundAverager, learner: Learner, position: Progress, donors: Sequence[str],
+                       timeout: float) -> StateLoad:
+    """Download the state at ``position`` from the first of ``donors`` that serves exactly it, within ``timeout``
+    seconds in all, and load it into ``learner``."""
+    deadline, load = time.monotonic() + timeout, StateLoad()
+    for donor in donors:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        served = averager.download_state(donor, timeout=left)
+        if served is None:
+            continue
+        try:
+            state = check_served_state(learner.params, learner.optimizer, *served)
+            digest = model_digest(learner.policy.model, replaced={
+                id(param): value for param, value in zip(learner.params, state.params, strict=True)})
+            if (state.round, digest) != (position.round, position.digest):
+                raise StateError(f"it served round {state.round} with model digest {digest[:12]}, having published "
+                                 f"round {position.round} with {position.digest[:12]}")
+            load_served_state(learner.params, learner.optimizer, state)
+        except StateError as e:
+            logger.warning(f"state of {donor} refused: {e}")
+            load.refused[donor] = str(e)
+            continue
+        load.donor = donor
+        return load
+    return load
