@@ -34,8 +34,8 @@ def state_donors_key(prefix: str) -> str:
 
 
 def agreement_key(prefix: str, round_: int, group: str) -> str:
-    """subkey member peer id: [this key, the member's digest of the group's all-reduce result]; ``group`` is
-    16 hex digits naming the group (node/swarm/agreement.py)."""
+    """subkey member peer id: the member's signed digest of the group's all-reduce result, naming this key;
+    ``group`` is 16 hex digits naming the group (node/swarm/agreement.py)."""
     return f"{prefix}.digests.r{round_}.{group}"
 
 

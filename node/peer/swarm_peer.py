@@ -106,7 +106,8 @@ class SwarmPeer(TrainerDecisions):
         # reducer returning a non-finite average) -> what it did; not asked or averaged with again
         self.excluded: dict[str, str] = {}
         self.averager = RoundAverager.for_run(dht, config, self.learner.params,
-                                              state_provider=self.state if serve_state else None)
+                                              state_provider=self.state if serve_state else None, key=self.key,
+                                              key_of=None if self.admission is None else self.key_of)
         self.service = RoundDataService(dht, config.run.id, config.trust.rollout_history, self.is_admitted).start()
 
     # ---- admission -----------------------------------------------------------------------------

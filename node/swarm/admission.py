@@ -27,6 +27,7 @@ import time
 from typing import Iterable, Optional
 
 import hivemind
+from google.protobuf.message import DecodeError
 
 from node.swarm.dht import dht_get
 from node.swarm.hivemind.authorizer import bans_installer, token_installer
@@ -42,7 +43,7 @@ def read_token(data: bytes, coordinator_public_key: bytes, run_id: str, peer_id:
     """``peer_id``'s current token of this run, signed by the coordinator; raises TokenError otherwise."""
     try:
         token = swarm_pb2.AccessToken.FromString(data)
-    except (ValueError, TypeError) as e:
+    except (DecodeError, ValueError, TypeError) as e:
         raise TokenError(f"not a token ({e})") from None
     check_token(token, coordinator_public_key, run_id=run_id, peer_id=peer_id)
     return token

@@ -36,13 +36,15 @@ from hivemind.compression import NoCompression
 from hivemind.p2p import PeerID
 
 from node.errors import one_line
-from node.swarm.agreement import agree, group_key, result_digest
+from node.swarm.agreement import AgreementSigner, agree, group_key, result_digest
 from node.swarm.binding import AllReduceReport
 from node.swarm.hivemind.averager import Admitted, ExactAverager, StateProvider
 from node.swarm.hivemind.codecs import make_compression
 from node.swarm.hivemind.reducer import ReduceRules
+from node.swarm.progress import KeyOf
 from protocol import swarm_pb2
 from protocol.config import RunConfig, SwarmSection
+from protocol.identity import SigningKey
 from protocol.keys import averaging_prefix
 
 logger = logging.getLogger(__name__)
@@ -154,17 +156,20 @@ class RoundAverager:
       They send their gradient and get the average, but reduce no part and serve no state.
     :param admitted: the peer ids this peer averages with and serves from the start (see set_admitted);
       None: anyone
+    :param signer: how this peer signs its agreement digests and whose it believes; default: a new key, any
+      signer believed, the prefix as run id (a swarm without a run's DHT rules)
     """
 
     def __init__(self, dht: hivemind.DHT, shapes: Sequence[Sequence[int]], swarm: SwarmSection, *, prefix: str,
                  state_provider: Optional[StateProvider] = None, client_mode: Optional[bool] = None,
-                 admitted: Optional[Iterable[str]] = None):
+                 admitted: Optional[Iterable[str]] = None, signer: Optional[AgreementSigner] = None):
         if mp.get_start_method() != "fork":
             raise RuntimeError(
                 "hivemind needs the 'fork' start method (its DHT and averager pass pipes that only survive fork): "
                 "call multiprocessing.set_start_method('fork', force=True) before starting the swarm"
             )
         self.dht, self.prefix = dht, prefix
+        self.signer = signer or AgreementSigner(SigningKey(), prefix)
         self.matchmaking_timeout = swarm.matchmaking_time + MATCHMAKING_SLACK
         self.allreduce_timeout = swarm.allreduce_timeout
         self.agreement_timeout = swarm.agreement_timeout
@@ -198,11 +203,14 @@ class RoundAverager:
 
     @classmethod
     def for_run(cls, dht: hivemind.DHT, config: RunConfig, params: Sequence[torch.Tensor], *,
-                state_provider: Optional[StateProvider] = None, client_mode: Optional[bool] = None) -> "RoundAverager":
+                state_provider: Optional[StateProvider] = None, client_mode: Optional[bool] = None,
+                key: Optional[SigningKey] = None, key_of: Optional[KeyOf] = None) -> "RoundAverager":
         """The averager of a run's gradients (and state), for tensors shaped like ``params``: a trainer's, the
-        verifier's, the coordinator's checkpointer's."""
+        verifier's, the coordinator's checkpointer's. ``key`` signs its agreement digests (default: a new one),
+        ``key_of`` says whose to believe (None: anyone's)."""
         return cls(dht, [tuple(p.shape) for p in params], config.swarm, prefix=averaging_prefix(config.run.id),
-                   state_provider=state_provider, client_mode=client_mode)
+                   state_provider=state_provider, client_mode=client_mode,
+                   signer=AgreementSigner(key or SigningKey(), config.run.id, key_of))
 
     @property
     def max_seconds(self) -> float:
@@ -286,7 +294,8 @@ class RoundAverager:
         digest = result_digest(averaged)
         members = list(gathers)
         key = group_key(self.prefix, round_, [f"{peer}:{gather.nonce.hex()}" for peer, gather in gathers.items()])
-        disagreement = agree(self.dht, key, self.peer_id, members, digest, self.agreement_timeout)
+        disagreement = agree(self.dht, key, round_, self.peer_id, members, digest, self.agreement_timeout,
+                             self.signer)
         return AllReduceOutcome(
             failure=None if disagreement is None else RoundFailure(FailureKind.DISAGREEMENT, disagreement),
             tensors=averaged if disagreement is None else [],

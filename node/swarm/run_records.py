@@ -15,14 +15,14 @@ runs                               the run id          a "run" record the coordi
 {run}.progress                     peer id             {round, digest}                               60 s
 {run}.r{N}.contrib                 peer id             a signed contribution of that peer, round N   300 s
 {run}.r{N}.verdicts                verifier/peer id    a signed verdict on that peer, round N        1 h
-{prefix}.digests.r{N}.{group}      peer id             [this key, a result digest]                   120 s
+{prefix}.digests.r{N}.{group}      peer id             a signed digest of that peer, naming this key 120 s
 {prefix}.0b (hivemind)             peer id bytes       bool: looking for a group                     matchmaking
 {prefix}.all_averagers (hivemind)  peer id bytes       a finite number: the state's priority         state period
 =================================  ==================  ===========================================  =========
 
 A node sees only the hash of a key, so round-indexed keys are recognised from their values: a signed
-record names its run, kind and round, an agreement digest names its key, and the node checks that these
-hash to the key the record is under. A key no rule claims is refused: an admitted run's DHT holds the
+record names its run, kind and round (an agreement digest also its group's key), and the node checks that
+these hash to the key the record is under. A key no rule claims is refused: an admitted run's DHT holds the
 run's records and nothing else. Signatures on signed records are checked here; that the signer is the peer
 its subkey names (the key its token binds) is checked by readers, who hold the tokens.
 """
@@ -44,7 +44,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import one_line
 from node.swarm.admission import read_ban_list, read_token
-from node.swarm.agreement import parse_agreement
+from node.swarm.agreement import read_agreement
 from node.swarm.hivemind.authorizer import SwarmAuthorizer
 from node.swarm.progress import read_progress
 from protocol import swarm_pb2
@@ -180,27 +180,33 @@ class RunRecords(RecordValidatorBase):
                                 f"after its value allows")
 
     def _named_rule(self, key: bytes, value) -> KeyRule:
-        """The rule of a round-indexed key, from the value stored under it, which names that key."""
-        if isinstance(value, bytes):
-            record = parse_record(value)
-            if record.run_id == self.run_id and record.kind == "contribution":
-                expected = contributions_key(self.run_id, record.round)
-                rule = KeyRule("contributions", True, MAX_VALUE_BYTES, self._contribution)
-            elif record.run_id == self.run_id and record.kind == "verdict":
-                expected = verdicts_key(self.run_id, record.round)
-                rule = KeyRule("verdicts", True, MAX_VALUE_BYTES, self._verdict)
-            else:
-                raise RefusedRecord(f"a {record.kind!r} record of run {record.run_id!r} under a key of no rule")
-        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-            named = AGREEMENT_KEY.match(value[0])
-            if named is None or named["prefix"] != self.prefix:
-                raise RefusedRecord(f"a value naming key {value[0]!r:.80}, not one of this run's")
-            expected, rule = value[0], KeyRule("agreement", True, SMALL_VALUE_BYTES, _agreement)
-        else:
+        """The rule of a round-indexed key, from the signed record stored under it, which names that key."""
+        if not isinstance(value, bytes):
             raise RefusedRecord(f"a value under a key of no rule: {value!r:.80}")
+        record = parse_record(value)
+        if record.run_id == self.run_id and record.kind == "contribution":
+            expected = contributions_key(self.run_id, record.round)
+            rule = KeyRule("contributions", True, MAX_VALUE_BYTES, self._contribution)
+        elif record.run_id == self.run_id and record.kind == "verdict":
+            expected = verdicts_key(self.run_id, record.round)
+            rule = KeyRule("verdicts", True, MAX_VALUE_BYTES, self._verdict)
+        elif record.run_id == self.run_id and record.kind == "agreement":
+            expected = record.body.decode("utf-8", errors="replace").partition("\n")[0]
+            named = AGREEMENT_KEY.match(expected)
+            if named is None or named["prefix"] != self.prefix or int(named["round"]) != record.round:
+                raise RefusedRecord(f"an agreement digest naming key {expected!r:.80}, not one of round "
+                                    f"{record.round} of this run")
+            rule = KeyRule("agreement", True, SMALL_VALUE_BYTES, self._agreement)
+        else:
+            raise RefusedRecord(f"a {record.kind!r} record of run {record.run_id!r} under a key of no rule")
         if _hashed(expected) != key:
             raise RefusedRecord(f"{rule.name}: the value names key {expected!r}, not the one it is stored under")
         return rule
+
+    def _agreement(self, subkey, value) -> float:
+        record, _, _ = read_agreement(value, self.run_id)
+        self.book.check_signer(_peer_id(subkey), record.public_key, "agreement")
+        return record.timestamp + AGREEMENT_LIFETIME
 
     def _run(self, subkey, value) -> float:
         if subkey != self.run_id:
@@ -288,12 +294,6 @@ def _signed(value, run_id: str, kind: str) -> swarm_pb2.SignedRecord:
     if not math.isfinite(record.timestamp) or record.timestamp > get_dht_time() + EXPIRATION_SLACK:
         raise RefusedRecord(f"a {kind} record signed in the future ({record.timestamp})")
     return record
-
-
-def _agreement(subkey, value) -> float:
-    _peer_id(subkey)
-    parse_agreement(value[0], value)
-    return get_dht_time() + AGREEMENT_LIFETIME
 
 
 def _matchmaking(subkey, value) -> float:

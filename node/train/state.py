@@ -74,7 +74,7 @@ def check_served_state(params: Sequence[torch.nn.Parameter], optimizer: torch.op
             raise StateError(f"state tensor {index} is {getattr(value, 'dtype', type(value).__name__)} "
                              f"{tuple(getattr(value, 'shape', ()))}, the parameter {param.dtype} {tuple(param.shape)}")
     own_groups = optimizer.state_dict()["param_groups"]
-    if groups != own_groups:
+    if not _same_groups(groups, own_groups):
         raise StateError("state's optimizer hyperparameters differ from the run's")
     served = dict(zip(keys, tensors[len(params):], strict=True))
     for key, value in served.items():
@@ -91,6 +91,17 @@ def check_served_state(params: Sequence[torch.nn.Parameter], optimizer: torch.op
     if any(bool((value < 0).any()) for key, value in served.items() if key.endswith((".exp_avg_sq", ".step"))):
         raise StateError("state has a negative second moment or step count")
     return ServedState(round_, list(tensors[:len(params)]), optimizer_state(served, own_groups))
+
+
+def _same_groups(served, own: list) -> bool:
+    """Whether served param groups equal ours; any structure a donor sends compares (tensors inside would make
+    ``==`` raise)."""
+    if not (isinstance(served, list) and len(served) == len(own) and all(isinstance(g, dict) for g in served)):
+        return False
+    try:
+        return bool(served == own)
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def load_served_state(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,

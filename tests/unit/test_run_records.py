@@ -16,7 +16,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from node.peer.announce import publish_run
 from node.swarm.admission import publish_bans, push_token
-from node.swarm.agreement import agree, group_key
+from node.swarm.agreement import AgreementSigner, agree, agreement_record, group_key
 from node.swarm.progress import Progress, progress_record, publish_progress
 from node.swarm.run_records import RunRecords
 from protocol import keys, swarm_pb2
@@ -94,7 +94,8 @@ def written_by_the_run() -> dict[str, DHTRecord]:
     push_token(dht, token())
     publish_bans(dht, COORDINATOR, RUN, [OTHER])
     publish_progress(dht, PEER_KEY, RUN, PEER, Progress(4, DIGEST))
-    agree(dht, group_key(PREFIX, 4, ["a", "b"]), PEER, [PEER], DIGEST, timeout=0.01)
+    agree(dht, group_key(PREFIX, 4, ["a", "b"]), 4, PEER, [PEER], DIGEST, timeout=0.01,
+          signer=AgreementSigner(PEER_KEY, RUN))
     now = time.time()
     dht.store(keys.contributions_key(RUN, 3), contribution(), now + keys.CONTRIBUTION_LIFETIME, subkey=PEER)
     dht.store(keys.verdicts_key(RUN, 3), verdict(), now + keys.VERDICT_LIFETIME, subkey=f"{OTHER}/{PEER}")
@@ -142,7 +143,7 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
     RULES.book.add(token())  # this DHT node has met PEER: it knows the key PEER signs with
     forged = progress_record(SigningKey(), RUN, Progress(4, DIGEST))
     honest = progress_record(PEER_KEY, RUN, Progress(4, DIGEST))
-    agreement = group_key(PREFIX, 4, ["a", "b"])
+    agreement, other_group = group_key(PREFIX, 4, ["a", "b"]), group_key(PREFIX, 5, ["a", "b"])
     peer_bytes = PeerID.from_base58(PEER).to_bytes()
     return {
         "progress": [
@@ -174,11 +175,15 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
             as_record(keys.verdicts_key(RUN, 3), verdict(), now + 7300, subkey=f"{OTHER}/{p}"),
         ],
         "agreement": [
-            as_record(agreement, [agreement, "0"], now + 60, subkey=p),
-            as_record(agreement, [group_key(PREFIX, 5, ["a", "b"]), DIGEST], now + 60, subkey=p),  # another key's
-            as_record(agreement, [agreement, DIGEST], now + 600, subkey=p),
-            as_record(agreement, [agreement, DIGEST], now + 60),
-            as_record(agreement, [agreement.replace(PREFIX, "other-grads"), DIGEST], now + 60, subkey=p),
+            as_record(agreement, [agreement, DIGEST], now + 60, subkey=p),  # unsigned
+            as_record(agreement, agreement_record(PEER_KEY, RUN, agreement, 4, "0"), now + 60, subkey=p),
+            as_record(agreement, agreement_record(PEER_KEY, RUN, other_group, 5, DIGEST), now + 60, subkey=p),
+            as_record(agreement, agreement_record(PEER_KEY, RUN, other_group, 4, DIGEST), now + 60, subkey=p),
+            as_record(agreement, agreement_record(SigningKey(), RUN, agreement, 4, DIGEST), now + 60, subkey=p),
+            as_record(agreement, agreement_record(PEER_KEY, RUN, agreement, 4, DIGEST), now + 600, subkey=p),
+            as_record(agreement, agreement_record(PEER_KEY, RUN, agreement, 4, DIGEST), now + 60),
+            as_record(agreement, agreement_record(PEER_KEY, RUN, agreement.replace(PREFIX, "other-grads"), 4, DIGEST),
+                      now + 60, subkey=p),
         ],
         "runs": [
             as_record(keys.RUNS_KEY, signed("run", 0, swarm_pb2.RunAnnouncement()), now + 60, subkey=RUN),
