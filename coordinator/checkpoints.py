@@ -20,12 +20,14 @@ from typing import Callable, Optional
 
 from node.peer.state_sync import load_vouched_state
 from node.swarm.averaging import RoundAverager
+from node.swarm.dht import dht_get
 from node.swarm.progress import KeyOf, majority_position, published_progress
 from node.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from node.train.learner import Learner
 from node.train.models import Policy
 from node.train.warm_start import warm_started_policy
 from protocol.config import RunConfig
+from protocol.keys import tokens_key
 from protocol.tasks import load_task
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class Checkpointer:
     def take(self) -> Optional[Path]:
         """Download the state most live trainers vouch for and save it; None when there is none newer than the
         last checkpoint, or none of them served exactly it."""
+        dht_get(self.dht, tokens_key(self.config.run.id))  # teaches our DHT node the tokens (run_records.TokenBook)
         progress = published_progress(self.dht, self.config.run.id, self.key_of)
         position = majority_position(progress)
         if position is None or position.round <= self.last_saved:

@@ -155,6 +155,7 @@ class SwarmPeer(TrainerDecisions):
         peer that published it (state_sync.py); False when there is none, or none served it in time. A peer
         that serves another state than it published is not asked again and, in an admitted run, no longer
         averaged with."""
+        self.refresh_admission()  # a joiner or a verifier reads the tokens here first: progress counts only with them
         others = self.others_progress()
         position = position or majority_position(others)
         if position is None or position == Progress(self.round, self.digest):

@@ -88,10 +88,11 @@ class RefusedRecord(ValueError):
 
 
 class TokenBook:
-    """The signing key each admitted peer's token binds, as this DHT process has seen the tokens: in the requests
-    and responses its authorizer checked and in the token records it validated. A per-peer record signed by
-    another key than the one its subkey's peer holds is refused; a peer this process has not met yet is left
-    to the readers, who hold every token. At most MAX_PEERS peers are kept (the expired go first)."""
+    """The signing key each admitted peer's token binds, as this DHT process has seen the tokens: its own, those
+    in the requests and responses its authorizer checked, and those in the token records it validated (every
+    peer reads the tokens key each round). A per-peer record is refused unless it is signed by the key its
+    subkey's peer holds: so no peer writes under another's name, and nobody fills a key with entries of peer
+    ids that hold no token. At most MAX_PEERS peers are kept (the expired go first)."""
 
     MAX_PEERS = 100_000
 
@@ -110,7 +111,9 @@ class TokenBook:
 
     def check_signer(self, peer_id: str, signer: bytes, what: str) -> None:
         known = self._keys.get(peer_id)
-        if known is not None and known[0] != signer:
+        if known is None:
+            raise RefusedRecord(f"{what}: a record under {peer_id}, whose token this DHT node has not seen")
+        if known[0] != signer:
             raise RefusedRecord(f"{what}: a record under {peer_id} signed by another key than its token's")
 
 

@@ -63,7 +63,8 @@ class Verifier:
         """Audit rounds until the run's last one (or ``stop``); each round waits at most ``round_timeout``."""
         last = -1
         while not stop["now"] and last < self.config.run.rounds - 1:
-            if not self.peer.sync_from_peers() or self.peer.round <= last:
+            self.peer.sync_from_peers()  # to the state most trainers published (False: already there, or none)
+            if self.peer.round <= last:
                 time.sleep(POLL_INTERVAL)
                 continue
             round_ = self.peer.round

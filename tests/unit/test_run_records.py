@@ -37,7 +37,7 @@ def new_identity() -> P2PIdentity:
 
 IDENTITY = new_identity()
 PEER, OTHER = IDENTITY.peer_id, new_identity().peer_id
-PEER_KEY = SigningKey()  # the key PEER's token binds
+PEER_KEY, OTHER_KEY = SigningKey(), SigningKey()  # the keys PEER's and OTHER's tokens bind
 RULES = RunRecords(RUN, COORDINATOR.public_key)
 
 
@@ -67,7 +67,7 @@ def signed(kind: str, round_: int, body, key: SigningKey = None, run_id: str = R
 
 
 def token(peer_id=PEER, signer=COORDINATOR, lifetime=60.0):
-    key = PEER_KEY if peer_id == PEER else SigningKey()
+    key = {PEER: PEER_KEY, OTHER: OTHER_KEY}.get(peer_id) or SigningKey()
     return issue_token(signer, peer_id=peer_id, public_key=key.public_key,
                        p2p_public_key=hivemind_public_key(IDENTITY.public_der), run_id=RUN, role="trainer",
                        lifetime=lifetime)
@@ -82,12 +82,15 @@ def contribution(round_=3, peer_id=PEER, key=PEER_KEY):
                   key=key)
 
 
-def verdict(round_=3, peer_id=PEER):
-    return signed("verdict", round_, swarm_pb2.Verdict(peer_id=peer_id, round=round_, passed=True))
+def verdict(round_=3, peer_id=PEER):  # by OTHER, a verifier
+    return signed("verdict", round_, swarm_pb2.Verdict(peer_id=peer_id, round=round_, passed=True), key=OTHER_KEY)
 
 
 def written_by_the_run() -> dict[str, DHTRecord]:
-    """One record under every key, each written by the code that writes it in a run."""
+    """One record under every key, each written by the code that writes it in a run (the DHT node has met both
+    peers' tokens, as it does when they talk to it)."""
+    RULES.book.add(token())
+    RULES.book.add(token(peer_id=OTHER))
     dht = RecordingDHT()
     config = RunConfig().updated(run={"id": RUN})
     publish_run(dht, config, COORDINATOR, coordinator_address="127.0.0.1:1")
@@ -141,6 +144,7 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
     p = PEER
     progress, contributions = keys.progress_key(RUN), keys.contributions_key(RUN, 3)
     RULES.book.add(token())  # this DHT node has met PEER: it knows the key PEER signs with
+    stranger = new_identity().peer_id  # a peer id whose token this node has never seen
     forged = progress_record(SigningKey(), RUN, Progress(4, DIGEST))
     honest = progress_record(PEER_KEY, RUN, Progress(4, DIGEST))
     agreement, other_group = group_key(PREFIX, 4, ["a", "b"]), group_key(PREFIX, 5, ["a", "b"])
@@ -155,6 +159,7 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
             as_record(progress, progress_record(PEER_KEY, RUN, Progress(4, "x" * 5000)), now + 60, subkey=p),
             as_record(progress, progress_record(PEER_KEY, "elsewhere", Progress(4, DIGEST)), now + 60, subkey=p),
             as_record(progress, honest, now + 60, subkey="not-a-peer"),
+            as_record(progress, progress_record(SigningKey(), RUN, Progress(4, DIGEST)), now + 60, subkey=stranger),
             as_record(progress, honest, now + 60, subkey=peer_bytes),
         ],
         "contributions": [

@@ -64,7 +64,14 @@ class ExactAllReduceRunner(AllReduceRunner):
         )
 
     def _encode_average(self, part_index: int, averaged_part: torch.Tensor) -> asyncio.Future:
-        """The one encoding of this part's average that every sender (and this peer) decodes."""
+        """The one encoding of this part's average that every sender (and this peer) decodes. An average that is
+        not finite (the parts were, so their sum overflowed) is never sent: this reducer fails the part instead,
+        rather than be named for a NaN by every member."""
+        if not bool(torch.isfinite(averaged_part).all()):
+            raise AllreduceException(f"the average of part {part_index} overflowed")
+        return self._encoded(part_index, averaged_part)
+
+    def _encoded(self, part_index: int, averaged_part: torch.Tensor) -> asyncio.Future:
         if part_index not in self._encoded_averages:
             compression = self.tensor_part_container.compression
             self._encoded_averages[part_index] = asyncio.get_event_loop().run_in_executor(

@@ -51,9 +51,11 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         self.coordinator_public_key, self.run_id, self.on_token = coordinator_public_key, run_id, on_token
         self.banned: frozenset[str] = frozenset()
         self._pushed = token
+        on_token(token)
 
     def set_token(self, token: swarm_pb2.AccessToken) -> None:
         self._pushed = token
+        self.on_token(token)
         self._local_access_token = None  # taken (and checked) on the next request
 
     async def get_token(self) -> HivemindToken:

@@ -78,12 +78,12 @@ def arm_stall_fault(part_index: int = 1) -> mp.synchronize.Event:
 def arm_nan_reducer() -> None:
     """Patch the reducer so that every part this peer reduces comes back to its group as NaN (a lying reducer:
     every member receives the same bytes, so they agree on them). Inherited by the forked averager process."""
-    encode_average = ExactAllReduceRunner._encode_average
+    encoded = ExactAllReduceRunner._encoded  # past the honest reducer's own check
 
-    def nan_encode_average(runner, index, averaged_part):
-        return encode_average(runner, index, torch.full_like(averaged_part, float("nan")))
+    def nan_encoded(runner, index, averaged_part):
+        return encoded(runner, index, torch.full_like(averaged_part, float("nan")))
 
-    ExactAllReduceRunner._encode_average = nan_encode_average
+    ExactAllReduceRunner._encoded = nan_encoded
 
 
 AVERAGE_OPTIONS = {"seed": int, "clip": float, "max_weight": float, "scale": float, "weight": float}
