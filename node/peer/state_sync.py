@@ -4,8 +4,10 @@ identities vouches for, and only from a peer that vouched for it.
 A resyncing or joining peer and the coordinator's checkpointer each pick the position (round, model digest)
 more than half of the live identities published (node/swarm/progress.py ``majority_position``), download
 from one of the peers that published it, and check the state whole before a value changes: it must fit the
-model (node/train/state.py) and hash to the vouched digest at the vouched round. A donor whose state fails
-is named in the result, so the caller can stop asking it (and stop averaging with it).
+model (node/train/state.py) and hash to the vouched digest at the vouched round. A donor whose state is not
+a state of this model, or has another digest at the round it published, is named in the result, so the
+caller can stop asking it (and stop averaging with it). One that serves another round is only skipped: an
+honest donor steps between publishing its progress and serving its state.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StateLoad:
     donor: Optional[str] = None  # whose state is now loaded; None: nothing was loaded
-    refused: dict[str, str] = field(default_factory=dict)  # donor -> why its state was refused
+    refused: dict[str, str] = field(default_factory=dict)  # donor -> why its state was refused (evidence)
 
 
 def load_vouched_state(averager: RoundAverager, learner: Learner, position: Progress, donors: Sequence[str],
@@ -44,11 +46,14 @@ def load_vouched_state(averager: RoundAverager, learner: Learner, position: Prog
             continue
         try:
             state = check_served_state(learner.params, learner.optimizer, *served)
+            if state.round != position.round:  # no evidence: it may have stepped since it published
+                logger.info(f"{donor} served round {state.round}, not {position.round}: it moved on")
+                continue
             digest = model_digest(learner.policy.model, replaced={
                 id(param): value for param, value in zip(learner.params, state.params, strict=True)})
-            if (state.round, digest) != (position.round, position.digest):
-                raise StateError(f"it served round {state.round} with model digest {digest[:12]}, having published "
-                                 f"round {position.round} with {position.digest[:12]}")
+            if digest != position.digest:
+                raise StateError(f"it served model digest {digest[:12]} at round {state.round}, having published "
+                                 f"{position.digest[:12]}")
             load_served_state(learner.params, learner.optimizer, state)
         except StateError as e:
             logger.warning(f"state of {donor} refused: {e}")

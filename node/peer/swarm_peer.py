@@ -23,9 +23,11 @@ TrainerDecisions (trainer.py), which attackers override.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -44,7 +46,7 @@ from node.train.learner import Gradient, Learner, ScoredBatch, batch_metrics
 from node.train.state import served_state
 from node.train.warm_start import warm_started_policy
 from protocol.digest import model_digest
-from protocol.keys import CONTRIBUTION_LIFETIME, contributions_key
+from protocol.keys import CONTRIBUTION_LIFETIME, PROGRESS_LIFETIME, contributions_key
 from protocol.records import sign_record
 from protocol.sketch import sketch_seed
 from protocol.tasks import load_task
@@ -60,7 +62,7 @@ class SyncOutcome(enum.StrEnum):
     ALONE = "alone"  # no other live peer published progress
     IN_STEP = "in-step"  # not behind, and not outvoted on the model digest
     RESYNCED_BEHIND = "resynced-behind"  # others were further along: loaded their state
-    BEHIND_NO_STATE = "behind-no-state"  # others were further along, but nobody served a state in time
+    BEHIND_NO_STATE = "behind-no-state"  # others were further along, but no state had a majority or was served
     RESYNCED_DIGEST = "resynced-digest"  # outvoted on the model digest of this round: loaded the majority's state
     OUTVOTED_NO_STATE = "outvoted-no-state"  # outvoted, but nobody served a state in time
 
@@ -105,6 +107,7 @@ class SwarmPeer(TrainerDecisions):
         # peers this peer caught breaking the protocol itself (a donor serving another state than it published, a
         # reducer returning a non-finite average) -> what it did; not asked or averaged with again
         self.excluded: dict[str, str] = {}
+        self.state_lock = threading.RLock()  # parameters, optimizer, round and digest change together under it
         self.averager = RoundAverager.for_run(dht, config, self.learner.params,
                                               state_provider=self.state if serve_state else None, key=self.key,
                                               key_of=None if self.admission is None else self.key_of)
@@ -142,8 +145,10 @@ class SwarmPeer(TrainerDecisions):
 
     # ---- state sharing -------------------------------------------------------------------------
     def state(self) -> tuple[dict, list[torch.Tensor]]:
-        """What a joining peer downloads: parameters, optimizer state and the round they belong to."""
-        return served_state(self.learner.params, self.learner.optimizer, self.round)
+        """What a joining peer downloads: parameters, optimizer state and the round they belong to (called from
+        a thread of hivemind's; ``state_lock`` keeps the three consistent)."""
+        with self.state_lock:
+            return served_state(self.learner.params, self.learner.optimizer, self.round)
 
     def load_checkpoint(self, path) -> None:
         """Start from a coordinator checkpoint (model and optimizer) instead of θ_0."""
@@ -162,18 +167,22 @@ class SwarmPeer(TrainerDecisions):
             return False
         donors = [peer for peer, published in others.items() if published == position and peer not in self.excluded]
         random.shuffle(donors)
-        load = load_vouched_state(self.averager, self.learner, position, donors, self.config.swarm.state_timeout)
+        with self.state_lock:
+            load = load_vouched_state(self.averager, self.learner, position, donors, self.config.swarm.state_timeout)
+            if load.donor is not None:
+                self.round, self.digest = position.round, position.digest
         self.exclude(load.refused)
         if load.donor is None:
             return False
-        self.round, self.digest = position.round, position.digest
         logger.info(f"{self.peer_id}: loaded state of round {self.round} from {load.donor}")
         return True
 
-    def catch_up(self, attempts: int = 6, wait: float = 2.0) -> bool:
-        """A joiner's first sync. Peers admit a newcomer's state download only once they have read its
-        token (each round), so a refusal right after joining is retried a few times while peers are ahead."""
-        for _ in range(attempts):
+    def catch_up(self, wait: float = 2.0) -> bool:
+        """A joiner's first sync, retried while others claim to be ahead, for as long as a departed peer's progress
+        record can live: until it expires it counts as a live identity, and with it there may be no majority
+        yet. (Peers also admit a newcomer's state download only once they have read its token, each round.)"""
+        deadline = time.monotonic() + PROGRESS_LIFETIME + wait
+        while time.monotonic() < deadline:
             if self.sync_from_peers():
                 return True
             if self.furthest_other_round() <= self.round:
@@ -191,26 +200,31 @@ class SwarmPeer(TrainerDecisions):
             return self.sit_out(r)
         batch = commitment.batch
         metrics = batch_metrics(batch, config.rollout.group_size)
-        for iteration in range(config.grpo.num_iterations):
-            committed = iteration == 0  # the contribution commits to the on-policy gradient
-            gradient = commitment.gradient if committed else self.learner.gradient(batch, iteration)
-            tensors, weight = self.outgoing(gradient)
-            seed = sketch_seed(config.run.seed, r) if committed else None
-            outcome = self.averager.average(tensors, weight, r, sketch_seed=seed, max_weight=self.max_weight,
-                                            clip_factor=config.trust.clip_factor)
-            self.keep_bindings(r, outcome)
-            self.exclude({peer: f"returned a non-finite average in round {r}" for peer in outcome.culprits})
-            metrics.update(gradient.metrics, group_size=outcome.group_size, allreduce_seconds=outcome.allreduce_seconds,
-                           average_seconds=outcome.seconds)
-            if not outcome.ok:
-                if iteration > 0:  # some of this round's steps were taken: the model is off the swarm's path
-                    self.sync_from_peers()
-                self.publish_progress()
-                return RoundReport(r, metrics, outcome.failure)
-            metrics["grad_norm"] = self.learner.apply(outcome.tensors)
-        self.round = r + 1
-        self.commitment = None
-        self.digest = model_digest(self.policy.model)
+        # From the first step until round and digest say so, the state is not served (it would be a mix).
+        with contextlib.ExitStack() as stepping:
+            for iteration in range(config.grpo.num_iterations):
+                committed = iteration == 0  # the contribution commits to the on-policy gradient
+                gradient = commitment.gradient if committed else self.learner.gradient(batch, iteration)
+                tensors, weight = self.outgoing(gradient)
+                seed = sketch_seed(config.run.seed, r) if committed else None
+                outcome = self.averager.average(tensors, weight, r, sketch_seed=seed, max_weight=self.max_weight,
+                                                clip_factor=config.trust.clip_factor)
+                self.keep_bindings(r, outcome)
+                self.exclude({peer: f"returned a non-finite average in round {r}" for peer in outcome.culprits})
+                metrics.update(gradient.metrics, group_size=outcome.group_size,
+                               allreduce_seconds=outcome.allreduce_seconds, average_seconds=outcome.seconds)
+                if not outcome.ok:
+                    if iteration > 0:  # some of this round's steps were taken: the model is off the swarm's path
+                        self.sync_from_peers()
+                    stepping.close()
+                    self.publish_progress()
+                    return RoundReport(r, metrics, outcome.failure)
+                if committed:
+                    stepping.enter_context(self.state_lock)
+                metrics["grad_norm"] = self.learner.apply(outcome.tensors)
+            self.round = r + 1
+            self.commitment = None
+            self.digest = model_digest(self.policy.model)
         self.publish_progress()
         metrics["model_digest"] = self.digest
         return RoundReport(r, metrics)
@@ -300,6 +314,8 @@ class SwarmPeer(TrainerDecisions):
         majority = majority_position(others)
         if majority is not None and majority.round > self.round:
             return SyncOutcome.RESYNCED_BEHIND if self.sync_from_peers(majority) else SyncOutcome.BEHIND_NO_STATE
+        if majority is None and max(p.round for p in others.values()) > self.round:
+            return SyncOutcome.BEHIND_NO_STATE  # others claim to be ahead, but no state has a majority (yet)
         mine = Progress(self.round, self.digest)
         at_our_round = {peer: p for peer, p in others.items() if p.round == self.round}
         winner = majority_position({**at_our_round, self.peer_id: mine})

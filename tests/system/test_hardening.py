@@ -6,13 +6,15 @@ priority and progress far ahead, a reducer that returns NaN, forged agreement di
 For each: no honest process exits, the honest peers keep stepping (the rounds each one lost while the
 misbehaving node ran are printed and bounded), nothing it did reached an honest peer's model, and a reducer
 that returned NaN is excluded by every honest peer at once. During the lying donor's run a new honest node
-joins and loads the majority's state, not the liar's.
+joins and loads the majority's state, not the liar's. Held-out accuracy after CLEAN_ROUNDS rounds is no
+worse than a clean run's by more than ACCURACY_MARGIN.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,14 @@ import pytest
 from cli.local_swarm.processes import stop_groups
 from cli.local_swarm.swarm import LocalSwarm, NodeProcess
 from tests.system.admitted_swarm import HONEST, JOIN_TIMEOUT, describe, peer_id_of, start_honest_swarm
+from tests.system.conftest import CLEAN_ROUNDS
 from tests.system.misbehaviours import MISBEHAVIOURS
 from tests.waiting import wait_for
 
 MISBEHAVING = str(Path(__file__).with_name("misbehaving.py"))
 WINDOW = 5  # honest rounds stepped while each misbehaving node runs, after it took part in a round
 MAX_LOST = 3  # failed rounds an honest peer may lose to one misbehaving node
+ACCURACY_MARGIN = 0.05
 EXCLUDED = re.compile(r"excluding (\S+): (.*)")
 
 
@@ -37,9 +41,19 @@ def hardened(tmp_path_factory):
     try:
         for name in MISBEHAVIOURS:
             outcomes[name] = run_misbehaviour(swarm, name)
+        honest = swarm.nodes[:HONEST]
+        outcomes["accuracy"] = wait_for(lambda: accuracies_at(honest, CLEAN_ROUNDS), JOIN_TIMEOUT,
+                                        f"the honest peers' evaluation at round {CLEAN_ROUNDS}",
+                                        explain=lambda: describe(swarm))
     finally:
         swarm.__exit__()
     return outcomes
+
+
+def accuracies_at(nodes: list[NodeProcess], round_: int) -> list[float]:
+    """Each node's held-out accuracy at ``round_`` (empty until every one of them has evaluated there)."""
+    found = [[r["accuracy"] for r in n.records("eval") if r["round"] == round_] for n in nodes]
+    return [values[0] for values in found] if all(found) else []
 
 
 def exclusions(node: NodeProcess) -> dict[str, str]:
@@ -105,6 +119,15 @@ def test_a_reducer_that_returns_nan_is_excluded_by_every_honest_peer(hardened):
     outcome = hardened["ReturnsNaN"]
     assert all(why is not None and "non-finite" in why for why in outcome["excluded_by"]), outcome
     assert set(outcome["failures"]) <= {"non-finite", "allreduce", "alone"}, outcome
+
+
+@pytest.mark.slow
+def test_accuracy_stays_that_of_a_clean_run(hardened, clean_swarm):
+    clean_nodes, _ = clean_swarm
+    clean = statistics.fmean(accuracies_at(clean_nodes, CLEAN_ROUNDS))
+    attacked = statistics.fmean(hardened["accuracy"])
+    print(f"held-out accuracy at round {CLEAN_ROUNDS}: {attacked:.3f} with misbehaving peers, {clean:.3f} clean")
+    assert attacked >= clean - ACCURACY_MARGIN
 
 
 @pytest.mark.slow
