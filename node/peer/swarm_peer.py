@@ -215,6 +215,7 @@ class SwarmPeer(TrainerDecisions):
                                allreduce_seconds=outcome.allreduce_seconds, average_seconds=outcome.seconds)
                 if not outcome.ok:
                     if iteration > 0:  # some of this round's steps were taken: the model is off the swarm's path
+                        self.digest = model_digest(self.policy.model)  # what it is now, so that it is not kept
                         self.sync_from_peers()
                     stepping.close()
                     self.publish_progress()

@@ -22,7 +22,6 @@ import enum
 import logging
 import math
 import multiprocessing as mp
-import secrets
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -38,6 +37,7 @@ from hivemind.p2p import PeerID
 from node.errors import one_line
 from node.swarm.agreement import AgreementSigner, agree, group_key, result_digest
 from node.swarm.binding import AllReduceReport
+from node.swarm.gather import RoundGather
 from node.swarm.hivemind.averager import Admitted, ExactAverager, StateProvider
 from node.swarm.hivemind.codecs import make_compression
 from node.swarm.hivemind.reducer import ReduceRules
@@ -55,7 +55,6 @@ HOST_GRACE = 5.0  # seconds on top of hivemind's own bounds before the host stop
 MATCHMAKING_SLACK = 10.0
 SHUTDOWN_TIMEOUT = 5.0
 STAGE_POLL_INTERVAL = 0.01  # seconds; only to time the start of the all-reduce
-NONCE_BYTES = 8
 
 
 class FailureKind(enum.StrEnum):
@@ -79,33 +78,6 @@ class RoundFailure:
 
     def __str__(self) -> str:
         return self.detail
-
-
-@dataclass(frozen=True)
-class RoundGather:
-    """What each member tells its group: the round it averages (a group that mixed rounds is refused by all of
-    its members) and a random nonce, unique to the call, that makes the group's agreement key unique."""
-
-    round: int
-    nonce: bytes
-
-    @classmethod
-    def new(cls, round_: int) -> "RoundGather":
-        return cls(round_, secrets.token_bytes(NONCE_BYTES))
-
-    def to_wire(self) -> list:
-        return [self.round, self.nonce]
-
-    @classmethod
-    def from_wire(cls, value) -> "RoundGather":
-        """The gather another member sent; ValueError if it is not one."""
-        if not (isinstance(value, (list, tuple)) and len(value) == 2):
-            raise ValueError(f"not a round gather: {value!r:.80}")
-        round_, nonce = value
-        if not (isinstance(round_, int) and not isinstance(round_, bool) and round_ >= 0
-                and isinstance(nonce, bytes) and len(nonce) == NONCE_BYTES):
-            raise ValueError(f"not a round gather: {value!r:.80}")
-        return cls(round_, nonce)
 
 
 @dataclass
@@ -275,20 +247,17 @@ class RoundAverager:
             if report is not None and report.non_finite_from:
                 return failed(FailureKind.NON_FINITE, f"{', '.join(report.non_finite_from)} returned a non-finite "
                                                       f"average", report)
+            refused = report is not None and report.gathers and gather_failure(report.gathers, round_)
+            if refused:  # the averager refused the group before any part was sent (hivemind/averager.py)
+                return failed(refused.kind, refused.detail, report)
             return failed(FailureKind.ALLREDUCE, one_line(e), report=report)
         report = self._take_report()
         if len(gathered) < 2:
             return failed(FailureKind.ALONE, "no other peer joined", report=report)
-        gathers = {}
-        for peer, value in gathered.items():
-            try:
-                gathers[str(peer)] = RoundGather.from_wire(value)
-            except ValueError as e:
-                logger.warning(f"{peer} sent a malformed gather: {e}")
-                return failed(FailureKind.MALFORMED_GATHER, f"{peer} did not say which round it averages", report)
-        rounds = sorted({gather.round for gather in gathers.values()})
-        if rounds != [round_]:
-            return failed(FailureKind.MIXED_ROUNDS, f"the group mixed rounds {rounds}", report)
+        refused = gather_failure({str(peer): value for peer, value in gathered.items()}, round_)
+        if refused:
+            return failed(refused.kind, refused.detail, report)
+        gathers = {str(peer): RoundGather.from_wire(value) for peer, value in gathered.items()}
         with self._averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         digest = result_digest(averaged)
@@ -402,6 +371,21 @@ def admitted_peer_ids(peer_ids: Optional[Iterable[str]]) -> Admitted:
             raise ValueError(f"a peer id must be a non-empty base58 string, got {peer_id!r}")
         admitted.add(PeerID.from_base58(peer_id))  # raises ValueError on a character outside base58
     return frozenset(admitted)
+
+
+def gather_failure(gathered: dict[str, object], round_: int) -> Optional[RoundFailure]:
+    """Why a group whose members sent these gathers (peer -> wire value) cannot average round ``round_``; None if
+    every member said it averages that round."""
+    rounds = set()
+    for peer, value in gathered.items():
+        try:
+            rounds.add(RoundGather.from_wire(value).round)
+        except ValueError as e:
+            logger.warning(f"{peer} sent a malformed gather: {e}")
+            return RoundFailure(FailureKind.MALFORMED_GATHER, f"{peer} did not say which round it averages")
+    if rounds != {round_}:
+        return RoundFailure(FailureKind.MIXED_ROUNDS, f"the group mixed rounds {sorted(rounds)}")
+    return None
 
 
 def _no_state():

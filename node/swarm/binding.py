@@ -74,6 +74,7 @@ class AllReduceReport:
     members: list[str]  # the group as formed, in hivemind's order (the i-th member reduces the i-th span)
     received: dict[str, swarm_pb2.PartSketch] = field(default_factory=dict)  # sender -> what we received
     non_finite_from: list[str] = field(default_factory=list)  # reducers that sent this peer a NaN or an infinity
+    gathers: dict[str, object] = field(default_factory=dict)  # member -> what it sent in hivemind's gather
 
 
 def check_binding(

@@ -14,7 +14,7 @@ from safetensors.torch import save
 from node.peer.announce import publish_run, read_announcement
 from node.swarm.admission import read_ban_list, read_token
 from node.swarm.agreement import agreement_record, read_agreement
-from node.swarm.averaging import RoundGather
+from node.swarm.gather import RoundGather
 from node.swarm.progress import Progress, progress_record, read_progress
 from node.train.state import StateError, check_served_state
 from protocol import swarm_pb2

@@ -7,8 +7,9 @@ import pytest
 from node.peer.session import _dht_settings
 from node.peer.settings import PeerSettings
 from node.peer.swarm_peer import SyncOutcome
-from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundFailure, RoundGather
+from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundFailure
 from node.swarm.dht import DHTSettings
+from node.swarm.gather import RoundGather
 from protocol.config import ConfigError
 
 

@@ -31,6 +31,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
 
 from node.errors import one_line
 from node.swarm.binding import AllReduceReport
+from node.swarm.gather import RoundGather
 from node.swarm.hivemind.allreduce import ExactAllReduceRunner
 from node.swarm.hivemind.reducer import ReduceRules
 
@@ -196,11 +197,16 @@ class ExactAverager(DecentralizedAverager):
     ) -> None:
         group_id = group_info.group_id if group_id is None else group_id
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-        self._report = AllReduceReport(group_id, [str(peer) for peer in group_info.peer_ids])
+        self._report = AllReduceReport(group_id, [str(peer) for peer in group_info.peer_ids],
+                                       gathers=self._user_gathers(group_info))
         outsiders = [str(peer) for peer in group_info.peer_ids if not self._is_admitted(peer)]
         if outsiders:
             self._running_groups[group_id].cancel()  # members' parts find no runner here: their rounds fail too
             raise AllreduceException(f"the group includes peers that are not admitted: {', '.join(outsiders)}")
+        off_round = self._off_round(self._report.gathers)
+        if off_round:  # no part is sent or reduced: a reducer would report another round's parts under ours
+            self._running_groups[group_id].cancel()
+            raise AllreduceException(f"members at another round or with a malformed gather: {', '.join(off_round)}")
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -219,6 +225,32 @@ class ExactAverager(DecentralizedAverager):
         finally:
             self._report.received.update(runner.received_sketches())
             self._report.non_finite_from = sorted(map(str, runner.non_finite_from))
+
+    def _user_gathers(self, group_info: GroupInfo) -> dict[str, object]:
+        """{member: what it sent as ``gather``}, from hivemind's (bandwidth, mode, user bytes) per member; a
+        member whose gather does not decode maps to None."""
+        gathers = {}
+        for peer, data in zip(group_info.peer_ids, group_info.gathered, strict=True):
+            try:
+                gathers[str(peer)] = self.serializer.loads(self.serializer.loads(data)[2])
+            except Exception:  # another peer's bytes
+                gathers[str(peer)] = None
+        return gathers
+
+    def _off_round(self, gathers: dict[str, object]) -> list[str]:
+        """Members whose gather does not name the round this peer's own gather names."""
+        try:
+            own = RoundGather.from_wire(gathers[str(self.peer_id)]).round
+        except (KeyError, ValueError):
+            return sorted(gathers)
+        off = []
+        for peer, value in gathers.items():
+            try:
+                if RoundGather.from_wire(value).round != own:
+                    off.append(peer)
+            except ValueError:
+                off.append(peer)
+        return off
 
     async def _shutdown(self, timeout: float) -> None:
         """hivemind's version calls finalize() on the runners' futures and raises if a round is in flight."""

@@ -94,6 +94,9 @@ def internals_problems() -> list[str]:
     problems += _source_has(DecentralizedAverager.__init__, "self._outer_pipe", "self.lock_averaged_tensors =",
                             "self._running_groups", "self.next_chunk_timeout =")
     problems += _source_has(DecentralizedAverager._declare_for_download_periodically, ".all_averagers")
+    problems += _source_has(DecentralizedAverager._aggregate_with_group,
+                            "bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, "
+                            "group_info.gathered))")
     problems += _methods(Matchmaking, "_request_join_group")
     if not isinstance(getattr(StepControl, "began_allreduce", None), property):
         problems.append("StepControl.began_allreduce is no longer a property")

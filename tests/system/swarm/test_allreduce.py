@@ -98,3 +98,18 @@ def test_nobody_steps_on_a_non_finite_average_a_reducer_returns(swarm):
         assert not result["ok"] and result["failure"] == "non-finite", result["reason"]
         assert result["culprits"] == [liar], result  # named from the bytes on its own stream
     assert not any((swarm.directory / f"rank{rank}_round0.pt").exists() for rank in range(3))
+
+
+def test_a_group_that_mixes_rounds_exchanges_no_part(swarm):
+    """Ranks 0 and 1 average round 5, rank 2 round 6: every member refuses the group before any part is sent,
+    so no reducer reports, under its round, parts sent for another round (a verifier would read them as a lie
+    about that round's commitment)."""
+    peers, ready = start_three(swarm, extra=("--target-group-size", "3"))
+    for rank, peer in enumerate(peers):
+        peer.send(f"average {6 if rank == 2 else 5} seed=11")
+    results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in peers]
+    grouped = [result for result in results if result["group_size"] == 3]
+    assert grouped, [(result["failure"], result["reason"]) for result in results]
+    for result in grouped:
+        assert result["failure"] == "mixed-rounds" and result["received"] == {}, result
+        assert result["inputs_unchanged"], result
