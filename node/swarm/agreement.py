@@ -111,11 +111,12 @@ def _published(dht: hivemind.DHT, key: str, deadline: float, signer: AgreementSi
     published = {}
     for subkey, entry in found.value.items():
         try:
-            record, group, published[subkey] = read_agreement(entry.value, signer.run_id)
+            record, group, digest = read_agreement(entry.value, signer.run_id)
             if group != key:
                 raise RecordError(f"names group {group!r:.80}")
             if signer.key_of is not None and record.public_key != signer.key_of(str(subkey)):
                 raise RecordError("not signed by the key of its token")
         except ValueError as e:  # counts as a differing digest: the member cannot be agreed with
-            published[subkey] = f"malformed ({e})"
+            digest = f"malformed ({e})"
+        published[subkey] = digest
     return published

@@ -147,6 +147,12 @@ class RunRecords(RecordValidatorBase):
         keys = [RUNS_KEY, tokens_key(run_id), bans_key(run_id), progress_key(run_id), matchmaking_key(self.prefix),
                 state_donors_key(self.prefix)]
         self._fixed = {_hashed(key): rule for key, rule in zip(keys, rules, strict=True)}
+        # round-indexed keys: the signed record's kind picks the rule (_named_rule)
+        self._by_kind = {
+            "contribution": KeyRule("contributions", True, MAX_VALUE_BYTES, self._contribution),
+            "verdict": KeyRule("verdicts", True, MAX_VALUE_BYTES, self._verdict),
+            "agreement": KeyRule("agreement", True, SMALL_VALUE_BYTES, self._agreement),
+        }
 
     # ---- hivemind's interface -----------------------------------------------------------------------
     def validate(self, record: DHTRecord) -> bool:
@@ -189,19 +195,17 @@ class RunRecords(RecordValidatorBase):
         record = parse_record(value)
         if record.run_id == self.run_id and record.kind == "contribution":
             expected = contributions_key(self.run_id, record.round)
-            rule = KeyRule("contributions", True, MAX_VALUE_BYTES, self._contribution)
         elif record.run_id == self.run_id and record.kind == "verdict":
             expected = verdicts_key(self.run_id, record.round)
-            rule = KeyRule("verdicts", True, MAX_VALUE_BYTES, self._verdict)
         elif record.run_id == self.run_id and record.kind == "agreement":
             expected = record.body.decode("utf-8", errors="replace").partition("\n")[0]
             named = AGREEMENT_KEY.match(expected)
             if named is None or named["prefix"] != self.prefix or int(named["round"]) != record.round:
                 raise RefusedRecord(f"an agreement digest naming key {expected!r:.80}, not one of round "
                                     f"{record.round} of this run")
-            rule = KeyRule("agreement", True, SMALL_VALUE_BYTES, self._agreement)
         else:
             raise RefusedRecord(f"a {record.kind!r} record of run {record.run_id!r} under a key of no rule")
+        rule = self._by_kind[record.kind]
         if _hashed(expected) != key:
             raise RefusedRecord(f"{rule.name}: the value names key {expected!r}, not the one it is stored under")
         return rule
