@@ -17,15 +17,29 @@ VERDICT_LIFETIME = 3600.0  # from signing: a verifier's verdict
 AGREEMENT_LIFETIME = 120.0  # a member's digest of an all-reduce result (long enough for the slowest member)
 
 
+ROUND_KEY_BITS = 8  # hivemind's group bits name the round modulo 2**8: peers a few rounds apart never meet
+
+
 def averaging_prefix(run_id: str) -> str:
-    """hivemind averaging namespace of the run's gradients (and of state sharing). hivemind keeps two keys
-    under it: ``matchmaking_key`` and ``state_donors_key``; our agreement digests go under ``agreement_key``."""
+    """hivemind averaging namespace of the run's gradients (and of state sharing). hivemind keeps two kinds of
+    keys under it: ``matchmaking_key`` and ``state_donors_key``; our agreement digests go under ``agreement_key``."""
     return f"{run_id}-grads"
 
 
-def matchmaking_key(prefix: str) -> str:
-    """hivemind's group key (no group bits): subkey peer id bytes, value whether it looks for a group."""
-    return f"{prefix}.0b"
+def round_group_bits(round_: int) -> str:
+    """hivemind's group bits of a round's matchmaking: a peer looks for (and leads) groups of its own round only,
+    so a peer a round behind or ahead costs the others nothing (hivemind's leaders refuse another key)."""
+    return format(round_ % (1 << ROUND_KEY_BITS), f"0{ROUND_KEY_BITS}b")
+
+
+def matchmaking_key(prefix: str, round_: int) -> str:
+    """hivemind's group key of ``round_``: subkey peer id bytes, value whether it looks for a group."""
+    return f"{prefix}.0b{round_group_bits(round_)}"
+
+
+def matchmaking_keys(prefix: str) -> list[str]:
+    """Every round's group key (they repeat every 2**ROUND_KEY_BITS rounds)."""
+    return [matchmaking_key(prefix, round_) for round_ in range(1 << ROUND_KEY_BITS)]
 
 
 def state_donors_key(prefix: str) -> str:

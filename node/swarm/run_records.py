@@ -16,7 +16,7 @@ runs                               the run id          a "run" record the coordi
 {run}.r{N}.contrib                 peer id             a signed contribution of that peer, round N   300 s
 {run}.r{N}.verdicts                verifier/peer id    a signed verdict on that peer, round N        1 h
 {prefix}.digests.r{N}.{group}      peer id             a signed digest of that peer, naming this key 120 s
-{prefix}.0b (hivemind)             peer id bytes       bool: looking for a group                     matchmaking
+{prefix}.0b{bits} (hivemind)       peer id bytes       bool: looking for a group (bits: the round)  matchmaking
 {prefix}.all_averagers (hivemind)  peer id bytes       a finite number: the state's priority         state period
 =================================  ==================  ===========================================  =========
 
@@ -60,7 +60,7 @@ from protocol.keys import (
     averaging_prefix,
     bans_key,
     contributions_key,
-    matchmaking_key,
+    matchmaking_keys,
     progress_key,
     state_donors_key,
     tokens_key,
@@ -141,12 +141,12 @@ class RunRecords(RecordValidatorBase):
             KeyRule("tokens", True, TOKEN_BYTES, self._token, slack=EXACT_SLACK),
             KeyRule("bans", False, MAX_VALUE_BYTES, self._bans, slack=EXACT_SLACK),
             KeyRule("progress", True, SMALL_VALUE_BYTES, self._progress),
-            KeyRule("matchmaking", True, SMALL_VALUE_BYTES, _matchmaking),
             KeyRule("state donors", True, SMALL_VALUE_BYTES, _state_donor),
         ]
-        keys = [RUNS_KEY, tokens_key(run_id), bans_key(run_id), progress_key(run_id), matchmaking_key(self.prefix),
-                state_donors_key(self.prefix)]
+        keys = [RUNS_KEY, tokens_key(run_id), bans_key(run_id), progress_key(run_id), state_donors_key(self.prefix)]
         self._fixed = {_hashed(key): rule for key, rule in zip(keys, rules, strict=True)}
+        matchmaking = KeyRule("matchmaking", True, SMALL_VALUE_BYTES, _matchmaking)
+        self._fixed.update({_hashed(key): matchmaking for key in matchmaking_keys(self.prefix)})
         # round-indexed keys: the signed record's kind picks the rule (_named_rule)
         self._by_kind = {
             "contribution": KeyRule("contributions", True, MAX_VALUE_BYTES, self._contribution),

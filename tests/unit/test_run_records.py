@@ -103,7 +103,7 @@ def written_by_the_run() -> dict[str, DHTRecord]:
     dht.store(keys.contributions_key(RUN, 3), contribution(), now + keys.CONTRIBUTION_LIFETIME, subkey=PEER)
     dht.store(keys.verdicts_key(RUN, 3), verdict(), now + keys.VERDICT_LIFETIME, subkey=f"{OTHER}/{PEER}")
     # hivemind's averager: declare_averager and _declare_for_download_periodically
-    dht.store(keys.matchmaking_key(PREFIX), True, now + 5, subkey=PeerID.from_base58(PEER).to_bytes())
+    dht.store(keys.matchmaking_key(PREFIX, 3), True, now + 5, subkey=PeerID.from_base58(PEER).to_bytes())
     dht.store(keys.state_donors_key(PREFIX), 7, now + 30, subkey=PeerID.from_base58(PEER).to_bytes())
     return {name_of(key): record for key, record in dht.records}
 
@@ -111,7 +111,7 @@ def written_by_the_run() -> dict[str, DHTRecord]:
 def name_of(key: str) -> str:
     """The protocol.keys function (or constant) that made ``key``."""
     for name, make in inspect.getmembers(keys, inspect.isfunction):
-        for args in ((RUN,), (RUN, 3), (PREFIX,), (PREFIX, 4, key.rsplit(".", 1)[-1])):
+        for args in ((RUN,), (RUN, 3), (PREFIX,), (PREFIX, 3), (PREFIX, 4, key.rsplit(".", 1)[-1])):
             try:
                 if make(*args) == key:
                     return name
@@ -127,6 +127,14 @@ def test_every_key_the_run_writes_has_a_rule_and_the_run_s_records_fit_it():
     assert set(written) == every_key - {"averaging_prefix"} | {"RUNS_KEY"}
     for name, record in written.items():
         assert RULES.refusal(record) is None, name
+
+
+def test_every_round_s_matchmaking_key_has_the_rule_and_no_other_group_key_does():
+    now, peer_bytes = time.time(), PeerID.from_base58(PEER).to_bytes()
+    for round_ in (0, 1, 255, 256, 10_000):
+        assert RULES.refusal(as_record(keys.matchmaking_key(PREFIX, round_), True, now + 5, subkey=peer_bytes)) is None
+    for bits in ("", "0", "1" * (keys.ROUND_KEY_BITS + 1)):
+        assert "no rule" in RULES.refusal(as_record(f"{PREFIX}.0b{bits}", True, now + 5, subkey=peer_bytes))
 
 
 def test_a_key_no_rule_claims_is_refused():
@@ -210,10 +218,10 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
                       subkey=p),
         ],
         "hivemind": [
-            as_record(keys.matchmaking_key(PREFIX), "yes", now + 5, subkey=peer_bytes),
-            as_record(keys.matchmaking_key(PREFIX), True, now + 5, subkey=b"\x00garbage"),
-            as_record(keys.matchmaking_key(PREFIX), True, now + 86400, subkey=peer_bytes),
-            as_record(keys.matchmaking_key(PREFIX), True, now + 5),
+            as_record(keys.matchmaking_key(PREFIX, 3), "yes", now + 5, subkey=peer_bytes),
+            as_record(keys.matchmaking_key(PREFIX, 3), True, now + 5, subkey=b"\x00garbage"),
+            as_record(keys.matchmaking_key(PREFIX, 3), True, now + 86400, subkey=peer_bytes),
+            as_record(keys.matchmaking_key(PREFIX, 3), True, now + 5),
             as_record(keys.state_donors_key(PREFIX), float("inf"), now + 30, subkey=peer_bytes),
             as_record(keys.state_donors_key(PREFIX), float("nan"), now + 30, subkey=peer_bytes),
             as_record(keys.state_donors_key(PREFIX), True, now + 30, subkey=peer_bytes),

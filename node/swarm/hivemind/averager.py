@@ -7,6 +7,8 @@
   one else to lead its group or to serve it state (AdmittingMatchmaking, adopted by swapping the class
   of the Matchmaking hivemind builds inside the averager process), and fails a round whose group
   includes anyone else.
+- Matchmaking runs under the key of the step's round (protocol/keys.py ``round_group_bits``): peers at other
+  rounds never join the group; one that does anyway (a liar) gets the group refused before any part is sent.
 - The host takes a report of each step's all-reduce (group, members, what each sender sent this peer as
   a reducer), also of a failed one.
 - State is served by the host's ``state_provider`` and downloaded only from admitted peers.
@@ -20,6 +22,7 @@ from typing import AsyncIterator, Callable, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException
@@ -34,6 +37,7 @@ from node.swarm.binding import AllReduceReport
 from node.swarm.gather import RoundGather
 from node.swarm.hivemind.allreduce import ExactAllReduceRunner
 from node.swarm.hivemind.reducer import ReduceRules
+from protocol.keys import round_group_bits
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +192,16 @@ class ExactAverager(DecentralizedAverager):
         """The all-reduce runners of the groups running now."""
         return [future.result() for future in self._running_groups.values() if future.done() and not future.cancelled()]
 
-    async def _step(self, **kwargs) -> None:
+    async def _step(self, *, step: StepControl, **kwargs) -> None:
         self._report = None  # a report belongs to the step whose all-reduce made it
-        await super()._step(**kwargs)
+        # look for a group under the key of this step's round (hivemind also changes the bits once a group forms)
+        try:
+            own_round = RoundGather.from_wire(self._user_gather(step.data_for_gather)).round
+        except Exception as e:  # the host always sends a RoundGather (RoundAverager._step); never leave it waiting
+            logger.warning(f"a step without a round gather ({one_line(e)}): matchmaking under round 0's key")
+            own_round = 0
+        self._matchmaking.group_key_manager.group_bits = round_group_bits(own_round)
+        await super()._step(step=step, **kwargs)
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes = None, **kwargs
@@ -232,10 +243,14 @@ class ExactAverager(DecentralizedAverager):
         gathers = {}
         for peer, data in zip(group_info.peer_ids, group_info.gathered, strict=True):
             try:
-                gathers[str(peer)] = self.serializer.loads(self.serializer.loads(data)[2])
+                gathers[str(peer)] = self._user_gather(data)
             except Exception:  # another peer's bytes
                 gathers[str(peer)] = None
         return gathers
+
+    def _user_gather(self, data: bytes) -> object:
+        """What a member sent as ``gather``, from hivemind's (bandwidth, mode, user bytes) of it."""
+        return self.serializer.loads(self.serializer.loads(data)[2])
 
     def _off_round(self, gathers: dict[str, object]) -> list[str]:
         """Members whose gather does not name the round this peer's own gather names."""

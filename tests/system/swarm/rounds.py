@@ -10,9 +10,11 @@ WEIGHTS = {0: 10, 1: 25, 2: 40}  # token counts of ranks 0, 1, 2
 
 
 def run_round(peers, round_, ready):
-    """Ask every peer to average ``round_``; return their results (each within the averager's bound)."""
-    for peer in peers:
-        peer.send(f"average {round_}")
+    """Ask every peer to average ``round_`` (or each its own, a list); return their results (each within the
+    averager's bound)."""
+    rounds = round_ if isinstance(round_, list) else [round_] * len(peers)
+    for peer, its_round in zip(peers, rounds, strict=True):
+        peer.send(f"average {its_round}")
     results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in peers]
     for result in results:
         assert result["seconds"] <= ready["max_seconds"], result

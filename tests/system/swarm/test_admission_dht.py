@@ -156,7 +156,7 @@ def test_an_admitted_peer_cannot_poison_any_key_of_the_run(dhts):
         (progress, own_ahead, now + 60, "not-a-peer"),
         ("greeting", "hi", now + 60, None),  # a key of no rule
         (state_donors_key(prefix), float("inf"), now + 30, second_bytes),  # a priority above every honest one
-        (matchmaking_key(prefix), "yes", now + 5, second_bytes),
+        (matchmaking_key(prefix, 0), "yes", now + 5, second_bytes),
         (group_key(prefix, 3, ["x"]), [group_key(prefix, 4, ["x"]), "ab" * 32], now + 60, second_id.peer_id),
     ]
     for key, value, expiration, subkey in poison:

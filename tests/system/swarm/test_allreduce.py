@@ -4,6 +4,7 @@ import signal
 
 import torch
 
+from protocol.keys import ROUND_KEY_BITS
 from tests.system.swarm.peer_worker import STATE_METADATA, state_tensors
 from tests.system.swarm.rounds import (
     MARGIN,
@@ -100,13 +101,27 @@ def test_nobody_steps_on_a_non_finite_average_a_reducer_returns(swarm):
     assert not any((swarm.directory / f"rank{rank}_round0.pt").exists() for rank in range(3))
 
 
+def test_a_peer_at_another_round_never_joins_the_group(swarm):
+    """Ranks 0 and 1 average round 5, rank 2 round 6: they look for groups under different keys, so ranks 0 and 1
+    average between themselves and rank 2 costs them nothing."""
+    peers, ready = start_three(swarm, extra=("--target-group-size", "3"))
+    for _ in range(2):  # retried once, as in run_agreed_round
+        results = run_round(peers, [5, 5, 6], ready)
+        if results[0]["ok"] and results[1]["ok"]:
+            break
+    assert "mixed-rounds" not in {result["failure"] for result in results}, results
+    assert results[2]["failure"] in ("alone", "allreduce") and results[2]["group_size"] <= 1, results[2]
+    assert_all_agree_on_mean(swarm, results[:2], 5, {rank: WEIGHTS[rank] for rank in (0, 1)})
+
+
 def test_a_group_that_mixes_rounds_exchanges_no_part(swarm):
-    """Ranks 0 and 1 average round 5, rank 2 round 6: every member refuses the group before any part is sent,
-    so no reducer reports, under its round, parts sent for another round (a verifier would read them as a lie
-    about that round's commitment)."""
+    """Ranks 0 and 1 average round 5, rank 2 round 5 + 2**ROUND_KEY_BITS (the same matchmaking key: a peer far
+    behind, or one that lies about its round): every member refuses the group before any part is sent, so no
+    reducer reports, under its round, parts sent for another round (a verifier would read them as a lie about
+    that round's commitment)."""
     peers, ready = start_three(swarm, extra=("--target-group-size", "3"))
     for rank, peer in enumerate(peers):
-        peer.send(f"average {6 if rank == 2 else 5} seed=11")
+        peer.send(f"average {5 + (1 << ROUND_KEY_BITS) if rank == 2 else 5} seed=11")
     results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in peers]
     grouped = [result for result in results if result["group_size"] == 3]
     assert grouped, [(result["failure"], result["reason"]) for result in results]
