@@ -91,5 +91,5 @@ def judge_contribution(config: RunConfig, task: Task, learner: Learner, *, peer_
     if problem is not None and problem.kind.is_evidence:
         report.check, report.evidence = Check.BINDING, str(problem)
     elif problem is not None:  # a reducer that failed or contradicts others: no evidence against the sender
-        logger.info(f"binding of {peer_id} in round {round_} not checked: {problem}")
+        logger.warning(f"binding of {peer_id} in round {round_} not checked: {problem}")
     return report
