@@ -13,7 +13,8 @@ import time
 from typing import Callable
 
 from node.peer.announce import publish_run
-from node.swarm.admission import publish_bans, push_bans, push_token
+from node.swarm.admission import push_bans, push_token
+from node.swarm.ban_list import publish_bans
 from protocol import swarm_pb2
 from protocol.config import RunConfig
 from protocol.identity import P2PIdentity, SigningKey

@@ -64,7 +64,7 @@ def tokens_key(run_id: str) -> str:
 
 
 def bans_key(run_id: str) -> str:
-    """no subkey: the coordinator's signed BanList record."""
+    """subkey part index (int): that part of the coordinator's signed ban list (node/swarm/ban_list.py)."""
     return f"{run_id}.bans"
 
 

@@ -7,7 +7,8 @@ Two doors, both keyed on the libp2p peer id that the p2p daemon authenticates:
   only tokens our coordinator signed for this run, naming that same RSA key, and not banned.
 - Averaging RPCs (which hivemind does not authorize): the averager admits the peer ids in
   ``Admission.admitted()``, built from the tokens peers publish under ``tokens_key(run)`` and the
-  coordinator's signed ban list under ``bans_key(run)`` (node/swarm/hivemind/averager.py).
+  coordinator's signed ban list under ``bans_key(run)``, in parts (node/swarm/ban_list.py; the averager:
+  node/swarm/hivemind/averager.py).
 
 The authorizer lives in the DHT process; the host renews the token with the coordinator and pushes
 it (and the ban list) there with ``push_token`` / ``push_bans``. A token outlives a coordinator
@@ -29,11 +30,11 @@ from typing import Iterable, Optional
 import hivemind
 from google.protobuf.message import DecodeError
 
+from node.swarm.ban_list import BanList, newest_ban_list
 from node.swarm.dht import dht_get
 from node.swarm.hivemind.authorizer import bans_installer, token_installer
 from protocol import swarm_pb2
-from protocol.keys import BANS_LIFETIME, bans_key, tokens_key
-from protocol.records import RecordError, open_record, parse_record, sign_record
+from protocol.keys import bans_key, tokens_key
 from protocol.tokens import TokenError, check_token
 
 logger = logging.getLogger(__name__)
@@ -49,15 +50,6 @@ def read_token(data: bytes, coordinator_public_key: bytes, run_id: str, peer_id:
     return token
 
 
-def read_ban_list(data: bytes, coordinator_public_key: bytes, run_id: str) -> tuple[float, swarm_pb2.BanList]:
-    """(when signed, ban list) of a ban-list record the coordinator signed; raises RecordError otherwise."""
-    record = parse_record(data)
-    if record.public_key != coordinator_public_key:
-        raise RecordError("ban list not signed by the coordinator")
-    bans = open_record(record, run_id=run_id, kind="bans", body_type=swarm_pb2.BanList, max_age=BANS_LIFETIME)
-    return record.timestamp, bans
-
-
 def push_token(dht: hivemind.DHT, token: swarm_pb2.AccessToken) -> None:
     """Hand a renewed token to the DHT process and publish it for the averagers of other peers."""
     dht.run_coroutine(token_installer(token))
@@ -67,12 +59,6 @@ def push_token(dht: hivemind.DHT, token: swarm_pb2.AccessToken) -> None:
 
 def push_bans(dht: hivemind.DHT, banned: Iterable[str]) -> None:
     dht.run_coroutine(bans_installer(banned))
-
-
-def publish_bans(dht: hivemind.DHT, coordinator_key, run_id: str, banned: Iterable[str]) -> None:
-    """The coordinator's signed ban list, which peers read each round (works while it is down)."""
-    record = sign_record(coordinator_key, "bans", run_id, 0, swarm_pb2.BanList(peer_ids=sorted(banned)))
-    dht.store(bans_key(run_id), record.SerializeToString(), record.timestamp + BANS_LIFETIME, return_future=True)
 
 
 class Admission:
@@ -95,16 +81,11 @@ class Admission:
             self.tokens[peer_id] = token
         return None
 
-    def set_bans(self, data: bytes) -> Optional[str]:
-        """Take a ban-list record if the coordinator signed it and it is newer than the one held."""
-        try:
-            signed_at, bans = read_ban_list(data, self.coordinator_public_key, self.run_id)
-        except RecordError as e:
-            return str(e)
-        if signed_at >= self._bans_signed_at:
-            self._bans_signed_at = signed_at
-            self.banned = set(bans.peer_ids)
-        return None
+    def set_bans(self, bans: BanList) -> None:
+        """Take the coordinator's ban list if it is newer than the one held."""
+        if bans.signed_at >= self._bans_signed_at:
+            self._bans_signed_at = bans.signed_at
+            self.banned = set(bans.banned)
 
     def refresh(self, dht: hivemind.DHT) -> None:
         """Read the run's tokens and ban list from the DHT (invalid entries are dropped with a log line)."""
@@ -115,10 +96,13 @@ class Admission:
                 if problem:
                     logger.debug(f"token of {peer_id} dropped: {problem}")
         found = dht_get(dht, bans_key(self.run_id))
-        if found is not None and isinstance(found.value, bytes):
-            problem = self.set_bans(found.value)
-            if problem:
-                logger.warning(f"ban list dropped: {problem}")
+        if found is not None and isinstance(found.value, dict):
+            parts = {subkey: entry.value for subkey, entry in found.value.items()}
+            bans, dropped = newest_ban_list(parts, self.coordinator_public_key, self.run_id)
+            for problem in dropped:
+                logger.warning(f"{problem}: dropped")
+            if bans is not None:
+                self.set_bans(bans)
 
     def token_of(self, peer_id: str) -> Optional[swarm_pb2.AccessToken]:
         """``peer_id``'s current token, or None (none seen, expired, or banned)."""

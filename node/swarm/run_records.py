@@ -11,7 +11,7 @@ key (protocol/keys.py)             subkey              value                    
 =================================  ==================  ===========================================  =========
 runs                               the run id          a "run" record the coordinator signed         1 h
 {run}.tokens                       peer id             the coordinator's token for that peer id      its token
-{run}.bans                         (plain)             the coordinator's signed ban list             1 h
+{run}.bans                         part index (int)    that part of the coordinator's signed bans    1 h
 {run}.progress                     peer id             {round, digest}                               60 s
 {run}.r{N}.contrib                 peer id             a signed contribution of that peer, round N   300 s
 {run}.r{N}.verdicts                verifier/peer id    a signed verdict on that peer, round N        1 h
@@ -43,8 +43,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import one_line
-from node.swarm.admission import read_ban_list, read_token
+from node.swarm.admission import read_token
 from node.swarm.agreement import read_agreement
+from node.swarm.ban_list import read_ban_part
 from node.swarm.hivemind.authorizer import SwarmAuthorizer
 from node.swarm.progress import read_progress
 from protocol import swarm_pb2
@@ -139,7 +140,7 @@ class RunRecords(RecordValidatorBase):
         rules = [
             KeyRule("runs", True, MAX_VALUE_BYTES, self._run),
             KeyRule("tokens", True, TOKEN_BYTES, self._token, slack=EXACT_SLACK),
-            KeyRule("bans", False, MAX_VALUE_BYTES, self._bans, slack=EXACT_SLACK),
+            KeyRule("bans", True, MAX_VALUE_BYTES, self._bans, slack=EXACT_SLACK),
             KeyRule("progress", True, SMALL_VALUE_BYTES, self._progress),
             KeyRule("state donors", True, SMALL_VALUE_BYTES, _state_donor),
         ]
@@ -237,8 +238,10 @@ class RunRecords(RecordValidatorBase):
 
     def _bans(self, subkey, value) -> float:
         if not isinstance(value, bytes):
-            raise RefusedRecord(f"bans: {type(value).__name__}, not a ban list")
-        signed_at, _ = read_ban_list(value, self.coordinator_public_key, self.run_id)
+            raise RefusedRecord(f"bans: {type(value).__name__}, not a ban list part")
+        signed_at, part = read_ban_part(value, self.coordinator_public_key, self.run_id)
+        if type(subkey) is not int or subkey != part.part:
+            raise RefusedRecord(f"bans: part {part.part} under subkey {subkey!r:.60}")
         return signed_at + BANS_LIFETIME
 
     def _contribution(self, subkey, value) -> float:

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save
 
 from node.peer.announce import publish_run, read_announcement
-from node.swarm.admission import read_ban_list, read_token
+from node.swarm.admission import read_token
 from node.swarm.agreement import agreement_record, read_agreement
+from node.swarm.ban_list import read_ban_part
 from node.swarm.gather import RoundGather
 from node.swarm.progress import Progress, progress_record, read_progress
 from node.train.state import StateError, check_served_state
@@ -71,7 +72,7 @@ def token_bytes() -> bytes:
 
 
 def ban_list_bytes() -> bytes:
-    return sign_record(COORDINATOR, "bans", RUN, 0, swarm_pb2.BanList(peer_ids=["a"])).SerializeToString()
+    return sign_record(COORDINATOR, "bans", RUN, 0, swarm_pb2.BanList(peer_ids=["a"], parts=1)).SerializeToString()
 
 
 def announcement_bytes() -> bytes:
@@ -103,7 +104,7 @@ PARSERS = {
                          lambda: agreement_record(KEY, RUN, "fuzzed-grads.digests.r3.0123456789abcdef", 3, "ab" * 32),
                          RecordError),
     "access token": (lambda d: read_token(d, COORDINATOR.public_key, RUN, "QmPeer"), token_bytes, TokenError),
-    "ban list": (lambda d: read_ban_list(d, COORDINATOR.public_key, RUN), ban_list_bytes, RecordError),
+    "ban list part": (lambda d: read_ban_part(d, COORDINATOR.public_key, RUN), ban_list_bytes, RecordError),
     "run announcement": (lambda d: read_announcement(RUN, d), announcement_bytes, (RecordError, ConfigError)),
     "rollout bundle": (read_bundle, bundle_bytes, BundleError),
 }

@@ -15,8 +15,9 @@ from hivemind.p2p import PeerID
 from hivemind.utils.serializer import MSGPackSerializer
 
 from node.peer.announce import publish_run
-from node.swarm.admission import publish_bans, push_token
+from node.swarm.admission import push_token
 from node.swarm.agreement import AgreementSigner, agree, agreement_record, group_key
+from node.swarm.ban_list import publish_bans
 from node.swarm.progress import Progress, progress_record, publish_progress
 from node.swarm.run_records import RunRecords
 from protocol import keys, swarm_pb2
@@ -211,11 +212,20 @@ def poisoned(now: float) -> dict[str, list[DHTRecord]]:
             as_record(keys.tokens_key(RUN), "text", now + 60, subkey=p),
         ],
         "bans": [
-            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(peer_ids=[p])), now + 60),
-            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(), key=COORDINATOR,
-                                                 timestamp=now - 60), now + keys.BANS_LIFETIME),
-            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(), key=COORDINATOR), now + 60,
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(peer_ids=[p], parts=1)), now + 60,
+                      subkey=0),  # not the coordinator's
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(parts=1), key=COORDINATOR,
+                                                 timestamp=now - 60), now + keys.BANS_LIFETIME, subkey=0),
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(parts=1), key=COORDINATOR), now + 60,
                       subkey=p),
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(part=1, parts=2), key=COORDINATOR),
+                      now + 60, subkey=0),  # another part's subkey
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(parts=1), key=COORDINATOR), now + 60,
+                      subkey=False),  # a bool, not the index 0
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(part=0, parts=0), key=COORDINATOR),
+                      now + 60, subkey=0),
+            as_record(keys.bans_key(RUN), signed("bans", 0, swarm_pb2.BanList(parts=1), key=COORDINATOR),
+                      now + 60),  # a plain value over every part
         ],
         "hivemind": [
             as_record(keys.matchmaking_key(PREFIX, 3), "yes", now + 5, subkey=peer_bytes),

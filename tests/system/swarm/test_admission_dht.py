@@ -5,8 +5,9 @@ import time
 import pytest
 from hivemind.p2p import PeerID
 
-from node.swarm.admission import Admission, publish_bans, push_bans
+from node.swarm.admission import Admission, push_bans
 from node.swarm.agreement import group_key
+from node.swarm.ban_list import publish_bans
 from node.swarm.dht import LOOPBACK, DHTSettings, SwarmJoinError, start_dht
 from node.swarm.progress import Progress, progress_record, publish_progress, published_progress
 from node.swarm.run_records import dht_auth_kwargs
@@ -126,8 +127,9 @@ def test_dht_nodes_keep_only_the_coordinators_tokens_and_ban_lists(dhts):
     assert held_token() == renewed.SerializeToString()
 
     publish_bans(second, COORDINATOR, RUN, ["banned-peer"])
-    old = sign_record(COORDINATOR, "bans", RUN, 0, swarm_pb2.BanList(), timestamp=time.time() - 60)
-    second.store(bans_key(RUN), old.SerializeToString(), time.time() + BANS_LIFETIME)  # outlives its own
+    old = sign_record(COORDINATOR, "bans", RUN, 0, swarm_pb2.BanList(parts=1), timestamp=time.time() - 60)
+    second.store(bans_key(RUN), old.SerializeToString(), time.time() + BANS_LIFETIME, subkey=0)  # outlives its own
+    second.store(bans_key(RUN), old.SerializeToString(), time.time() + 60)  # a plain value over every part
     publish_bans(second, SigningKey(), RUN, [])  # not the coordinator's
     admission = Admission(RUN, COORDINATOR.public_key)
     admission.refresh(first)
