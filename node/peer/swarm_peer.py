@@ -36,6 +36,7 @@ import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.peer.state_sync import load_vouched_state
+from node.peer.suspensions import Suspensions
 from node.peer.trainer import ServedContribution, TrainerDecisions
 from node.swarm.averaging import AllReduceOutcome, FailureKind, RoundAverager, RoundFailure
 from node.swarm.dht import dht_get
@@ -107,6 +108,7 @@ class SwarmPeer(TrainerDecisions):
         # peers this peer caught breaking the protocol itself (a donor serving another state than it published, a
         # reducer returning a non-finite average) -> what it did; not asked or averaged with again
         self.excluded: dict[str, str] = {}
+        self.suspensions = Suspensions(self.peer_id)  # members that failed to deliver to it, kept out for a while
         self.state_lock = threading.RLock()  # parameters, optimizer, round and digest change together under it
         self.averager = RoundAverager.for_run(dht, config, self.learner.params,
                                               state_provider=self.state if serve_state else None, key=self.key,
@@ -129,14 +131,14 @@ class SwarmPeer(TrainerDecisions):
 
     def refresh_admission(self) -> None:
         """Re-read tokens and bans (the coordinator's and the donors caught lying to this peer); the averager takes
-        only admitted peers into the next group."""
+        only admitted peers into the next group, less those suspended (suspensions.py)."""
         if self.admission is None:
             return
         self.admission.refresh(self.dht)
         self.admission.banned |= set(self.excluded)
         if self.membership is not None:
             self.admission.banned |= self.membership.banned
-        self.averager.set_admitted(self.admission.admitted() | {self.peer_id})
+        self.averager.set_admitted((self.admission.admitted() - self.suspensions.current()) | {self.peer_id})
 
     def report(self, round_: int, metrics: dict) -> None:
         """Heartbeat data for the coordinator (sent from the membership thread)."""
@@ -194,6 +196,7 @@ class SwarmPeer(TrainerDecisions):
     def run_round(self) -> RoundReport:
         """Try round ``self.round``; on success the peer holds θ_{r+1} and ``self.round`` advances."""
         config, r = self.config, self.round
+        self.suspensions.next_attempt()
         self.refresh_admission()
         commitment = self.commitment_for(r)
         if commitment is None:
@@ -211,6 +214,8 @@ class SwarmPeer(TrainerDecisions):
                                                 clip_factor=config.trust.clip_factor)
                 self.keep_bindings(r, outcome)
                 self.exclude({peer: f"returned a non-finite average in round {r}" for peer in outcome.culprits})
+                if outcome.report is not None:
+                    self.suspensions.blame(outcome.dropped, outcome.report.members, r)
                 metrics.update(gradient.metrics, group_size=outcome.group_size,
                                allreduce_seconds=outcome.allreduce_seconds, average_seconds=outcome.seconds)
                 if not outcome.ok:

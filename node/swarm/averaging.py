@@ -106,6 +106,13 @@ class AllReduceOutcome:
         non-finite average): evidence enough to stop averaging with them."""
         return list(self.report.non_finite_from) if self.report is not None else []
 
+    @property
+    def dropped(self) -> list[str]:
+        """Members that failed to deliver to this peer in a failed all-reduce (stalled, dropped their parts, broke
+        a stream), as this peer saw it on its own streams: nobody else can check that, so it is this peer's
+        reason to keep them out of its next groups for a while, not evidence for a ban."""
+        return [] if self.ok or self.report is None else list(self.report.dropped)
+
     def bindings(self) -> list[swarm_pb2.Binding]:
         """One Binding per sender (a small record each): what it sent this peer as a reducer."""
         if self.report is None:

@@ -75,6 +75,7 @@ class AllReduceReport:
     received: dict[str, swarm_pb2.PartSketch] = field(default_factory=dict)  # sender -> what we received
     non_finite_from: list[str] = field(default_factory=list)  # reducers that sent this peer a NaN or an infinity
     gathers: dict[str, object] = field(default_factory=dict)  # member -> what it sent in hivemind's gather
+    dropped: list[str] = field(default_factory=list)  # members that failed to deliver to this peer (runner)
 
 
 def check_binding(

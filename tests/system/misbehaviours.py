@@ -8,10 +8,12 @@ swarm through misbehaving.py). Each is a SwarmPeer subclass; what it does beyond
   state-sharing priority, and publishes signed progress far ahead of the swarm with a made-up digest.
 - ReturnsNaN: as a reducer, sends NaN back to every member for the part it reduces.
 - ForgesAgreement: after each all-reduce, publishes a wrong digest under every other member's name.
+- StallsInAllReduce: joins every group it can, then neither sends its parts nor answers as a reducer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -88,4 +90,20 @@ class ForgesAgreement(SwarmPeer):
         super().__init__(session, serve_state)
 
 
-MISBEHAVIOURS = {cls.__name__: cls for cls in (PoisonsProgress, LiesAboutState, ReturnsNaN, ForgesAgreement)}
+class StallsInAllReduce(SwarmPeer):
+    def __init__(self, session, serve_state: bool = True):
+        async def send_nothing(runner, peer_id):
+            await asyncio.sleep(LONG)
+
+        async def answer_nothing(runner, stream, context):
+            await asyncio.sleep(LONG)
+            yield  # an async generator, as hivemind's handler is, that never yields
+
+        # the averager process is forked after this
+        ExactAllReduceRunner._communicate_with_peer = send_nothing
+        ExactAllReduceRunner.rpc_aggregate_part = answer_nothing
+        super().__init__(session, serve_state)
+
+
+MISBEHAVIOURS = {cls.__name__: cls for cls in (PoisonsProgress, LiesAboutState, ReturnsNaN, ForgesAgreement,
+                                               StallsInAllReduce)}

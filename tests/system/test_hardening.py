@@ -1,13 +1,14 @@
 """Peers that attack the protocol itself, in a real admitted swarm: a coordinator, 3 honest nodes and a
 verifier (separate processes on 127.0.0.1), joined by one misbehaving node at a time (misbehaviours.py, run
 by misbehaving.py): poisoned progress records and double votes, a state donor that lies with the highest
-priority and progress far ahead, a reducer that returns NaN, forged agreement digests.
+priority and progress far ahead, a reducer that returns NaN, forged agreement digests, a member that stalls in
+the all-reduce.
 
 For each: no honest process exits, the honest peers keep stepping (the rounds each one lost while the
-misbehaving node ran are printed and bounded), nothing it did reached an honest peer's model, and a reducer
-that returned NaN is excluded by every honest peer at once. During the lying donor's run a new honest node
-joins and loads the majority's state, not the liar's. Held-out accuracy after CLEAN_ROUNDS rounds is no
-worse than a clean run's by more than ACCURACY_MARGIN.
+misbehaving node ran are printed and bounded), nothing it did reached an honest peer's model, a reducer
+that returned NaN is excluded by every honest peer at once, and a member that stalls is suspended by each.
+During the lying donor's run a new honest node joins and loads the majority's state, not the liar's.
+Held-out accuracy after CLEAN_ROUNDS rounds is no worse than a clean run's by more than ACCURACY_MARGIN.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ WINDOW = 5  # honest rounds stepped while each misbehaving node runs, after it t
 MAX_LOST = 3  # failed rounds an honest peer may lose to one misbehaving node
 ACCURACY_MARGIN = 0.05
 EXCLUDED = re.compile(r"excluding (\S+): (.*)")
+SUSPENDED = re.compile(r"suspending (\S+) for")
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,18 @@ def accuracies_at(nodes: list[NodeProcess], round_: int) -> list[float]:
     return [values[0] for values in found] if all(found) else []
 
 
+def node_log(node: NodeProcess) -> str:
+    return (node.out_dir / "node.log").read_text(errors="replace")
+
+
 def exclusions(node: NodeProcess) -> dict[str, str]:
     """{peer: why} the node excluded, from its log."""
-    log = (node.out_dir / "node.log").read_text(errors="replace")
-    return {match[1]: match[2] for match in EXCLUDED.finditer(log)}
+    return {match[1]: match[2] for match in EXCLUDED.finditer(node_log(node))}
+
+
+def suspensions(node: NodeProcess) -> set[str]:
+    """The peers the node suspended, from its log."""
+    return {match[1] for match in SUSPENDED.finditer(node_log(node))}
 
 
 def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
@@ -86,8 +96,11 @@ def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
     outcome["finite"] = all(math.isfinite(r["reward"]) and math.isfinite(r.get("grad_norm", 0.0))
                             for records in window for r in records if r["stepped"])
     outcome["excluded_by"] = [exclusions(n).get(peer_id) for n in honest]
+    outcome["suspended_by"] = [peer_id in suspensions(n) for n in honest]
+    outcome["honest_suspended"] = sorted(set().union(*map(suspensions, honest)) - {peer_id})
     print(f"{name}: rounds lost per honest peer {outcome['lost']} ({', '.join(outcome['failures']) or 'none'}); "
-          f"excluded by {sum(e is not None for e in outcome['excluded_by'])} of {HONEST}")
+          f"excluded by {sum(e is not None for e in outcome['excluded_by'])} of {HONEST}, "
+          f"suspended by {sum(outcome['suspended_by'])}; honest peers suspended: {outcome['honest_suspended']}")
     return outcome
 
 
@@ -119,6 +132,13 @@ def test_a_reducer_that_returns_nan_is_excluded_by_every_honest_peer(hardened):
     outcome = hardened["ReturnsNaN"]
     assert all(why is not None and "non-finite" in why for why in outcome["excluded_by"]), outcome
     assert set(outcome["failures"]) <= {"non-finite", "allreduce", "alone"}, outcome
+
+
+@pytest.mark.slow
+def test_a_member_that_stalls_in_the_all_reduce_is_suspended_by_every_honest_peer(hardened):
+    outcome = hardened["StallsInAllReduce"]
+    assert all(outcome["suspended_by"]), outcome
+    assert set(outcome["failures"]) <= {"allreduce", "alone"}, outcome
 
 
 @pytest.mark.slow

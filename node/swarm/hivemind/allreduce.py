@@ -47,6 +47,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         self._encoded_averages: Dict[int, asyncio.Future] = {}
         self.refusals: Dict[PeerID, str] = {}  # senders dropped for what they sent, and why
         self.non_finite_from: Set[PeerID] = set()  # reducers that returned a NaN or an infinity
+        self.unanswered_by: Set[PeerID] = set()  # reducers that timed out on this peer or broke the stream
         register = self.tensor_part_container.register_processed_part
 
         def register_finite_only(peer_index: int, part_index: int, part: torch.Tensor) -> None:
@@ -81,7 +82,13 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id) -> None:
         if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)
+            try:
+                return await super()._communicate_with_peer(peer_id)
+            except AllreduceException:  # it answered, in the protocol: a refusal code or a short stream
+                raise
+            except Exception:  # no answer in time, or the stream broke
+                self.unanswered_by.add(peer_id)
+                raise
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
@@ -126,6 +133,13 @@ class ExactAllReduceRunner(AllReduceRunner):
         if peer_id in self.sender_peer_ids:
             self.refusals.setdefault(peer_id, reason)
             await self._ban_sender(peer_id)
+
+    def dropped(self) -> Set[PeerID]:
+        """Members that failed to deliver to this peer: as a sender, parts it did not send in time (not parts it
+        sent and this peer refused), or, as a reducer, no answer in time. A member that answered with a refusal
+        is not among them: it may say the truth (a leader that told members different groups)."""
+        silent_senders = {peer for peer in self.banned_senders if peer not in self.refusals}
+        return (silent_senders | self.unanswered_by) - {self.peer_id}
 
     def received_sketches(self) -> Dict[str, swarm_pb2.PartSketch]:
         return self.tensor_part_reducer.received_sketches(self.sender_peer_ids)

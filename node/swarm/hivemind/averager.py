@@ -236,6 +236,7 @@ class ExactAverager(DecentralizedAverager):
         finally:
             self._report.received.update(runner.received_sketches())
             self._report.non_finite_from = sorted(map(str, runner.non_finite_from))
+            self._report.dropped = sorted(map(str, runner.dropped()))
 
     def _user_gathers(self, group_info: GroupInfo) -> dict[str, object]:
         """{member: what it sent as ``gather``}, from hivemind's (bandwidth, mode, user bytes) per member; a

@@ -114,6 +114,7 @@ def run_average(averager: RoundAverager, args, shapes, round_: int, options: dic
         reason=outcome.reason,
         failure=outcome.failure.kind if outcome.failure else None,
         culprits=outcome.culprits,
+        dropped=outcome.dropped,
         inputs_unchanged=all(torch.equal(a, b) for a, b in zip(tensors, originals, strict=True)),
         members=report.members if report else [],
         group_id=report.group_id.hex() if report else "",

@@ -39,6 +39,8 @@ def check_failure_round_then_recovery(swarm, stop_signal):
     results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in survivors]
     for result in results:
         assert result["seconds"] <= ready["max_seconds"] and result["inputs_unchanged"], result
+        # what a failed member saw: the victim, and only it, failed to deliver (SwarmPeer suspends it)
+        assert result["ok"] or result["dropped"] == [victim.ready["peer_id"]], result
     agreed = [rank for rank, result in enumerate(results) if result["ok"]]
     if agreed:  # whoever reports ok must hold the same tensors as every other peer reporting ok
         assert len({results[rank]["digest"] for rank in agreed}) == 1
