@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from coordinator.ledger import Ledger, LedgerError, ReplayedRecord
+from coordinator.ledger import LIVE_SECONDS, MAX_ROUND_LEAD, Ledger, LedgerError, ReplayedRecord
 from protocol import swarm_pb2
 from tests.command import ROOT
 
@@ -53,6 +53,26 @@ def test_rounds_aggregate_the_peers_reports(ledger):
     assert math.isnan(first.accuracy)  # no eval in round 0
     assert (second.reward, second.accuracy, second.peers) == (1.0, 0.5, 1)
     assert [(p.peer_id, p.rounds_contributed, p.round) for p in status.peers] == [("A", 2, 1), ("B", 1, 0)]
+
+
+def test_the_round_limit_follows_the_median_live_trainer_not_one_identity(ledger):
+    assert ledger.round_limit(time.time()) is None  # no trainer reported a round yet: the first sets the bar
+    for peer, round_ in (("A", 5), ("B", 6), ("C", 7), ("D", 1000)):  # D got in somehow: it moves nothing
+        add_peer(ledger, peer)
+        heartbeat(ledger, peer, round_)
+    add_peer(ledger, "V", role="verifier")
+    add_peer(ledger, "E")  # registered, no report yet: not counted
+    assert ledger.round_limit(time.time()) == 6 + MAX_ROUND_LEAD
+    # nobody heard from lately (a coordinator restarted on its ledger): every trainer that reported counts
+    assert ledger.round_limit(time.time() + LIVE_SECONDS + 1) == 6 + MAX_ROUND_LEAD
+
+
+def test_one_verdict_per_verifier_peer_and_round_is_recorded(ledger):
+    add_peer(ledger, "A")
+    add_peer(ledger, "V", role="verifier")
+    assert not ledger.has_verdict("V", "A", 3)
+    ledger.verdict("V", swarm_pb2.Verdict(peer_id="A", round=3, passed=True), nonce(), time.time(), time.time())
+    assert ledger.has_verdict("V", "A", 3) and not ledger.has_verdict("V", "A", 4)
 
 
 def test_a_retried_round_counts_once(ledger):

@@ -231,6 +231,26 @@ def test_verdicts_about_unknown_peers_or_oneself_are_refused(stub, admitted, new
     assert status_bytes(stub) == before
 
 
+def test_reports_far_past_the_swarm_s_round_or_repeated_verdicts_are_refused(coordinator, stub, new_peer):
+    """What one identity can add to the ledger is bounded by the swarm's progress (Ledger.round_limit)."""
+    trainer, verifier = new_peer(), new_peer()
+    trainer_client, verifier_client = client_for(coordinator, trainer), client_for(coordinator, verifier, "verifier")
+    trainer_client.register()
+    verifier_client.register()
+    trainer_client.heartbeat(1, "d", {"reward": 0.5})
+    before = status_bytes(stub)
+    with pytest.raises(CoordinatorError, match="FAILED_PRECONDITION.*rounds past the swarm's"):
+        trainer_client.heartbeat(10**6, "d", {"reward": 1.0})
+    with pytest.raises(CoordinatorError, match="FAILED_PRECONDITION.*rounds past the swarm's"):
+        verifier_client.report_verdict(swarm_pb2.Verdict(peer_id=trainer.peer_id, round=10**6, passed=True))
+    assert status_bytes(stub) == before
+    assert verifier_client.report_verdict(swarm_pb2.Verdict(peer_id=trainer.peer_id, round=1, passed=True))
+    with pytest.raises(CoordinatorError, match="ALREADY_EXISTS"):
+        verifier_client.report_verdict(swarm_pb2.Verdict(peer_id=trainer.peer_id, round=1, passed=True))
+    trainer_client.close()
+    verifier_client.close()
+
+
 def test_failed_verdict_bans_the_peer(coordinator, stub, new_peer):
     trainer, verifier = new_peer(), new_peer()
     trainer_client = client_for(coordinator, trainer)
