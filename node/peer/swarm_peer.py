@@ -55,6 +55,7 @@ from protocol.tasks import load_task
 logger = logging.getLogger(__name__)
 FETCH_TIMEOUT = 10.0  # seconds for another peer's contribution (a copying attacker's fetch)
 SIT_OUT_POLL = 1.0  # seconds between looks at whether the swarm finished a round this peer sits out
+POSITION_POLL = 0.25  # seconds between looks at the swarm's progress while waiting for its next round
 
 
 class SyncOutcome(enum.StrEnum):
@@ -308,6 +309,18 @@ class SwarmPeer(TrainerDecisions):
         """The furthest round another live peer published (-1: none). A claim, not a position to trust."""
         return max((p.round for p in self.others_progress().values()), default=-1)
 
+    def next_position(self, seen: Progress, timeout: float) -> Progress:
+        """The first majority position past ``seen`` (polled), or ``seen`` after ``timeout``. A peer behind loads
+        the state of a round the others are only starting: it then reaches that round's matchmaking (each round
+        has its own key) while it is open. The round the others are already in it would miss, and chase them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            position = majority_position(self.others_progress())
+            if position is not None and position.round > seen.round:
+                return position
+            time.sleep(POSITION_POLL)
+        return seen
+
     def peers_behind(self) -> int:
         """Live peers at an earlier round than ours."""
         return sum(p.round < self.round for p in self.others_progress().values())
@@ -319,7 +332,8 @@ class SwarmPeer(TrainerDecisions):
             return SyncOutcome.ALONE
         majority = majority_position(others)
         if majority is not None and majority.round > self.round:
-            return SyncOutcome.RESYNCED_BEHIND if self.sync_from_peers(majority) else SyncOutcome.BEHIND_NO_STATE
+            position = self.next_position(majority, self.averager.max_seconds)
+            return SyncOutcome.RESYNCED_BEHIND if self.sync_from_peers(position) else SyncOutcome.BEHIND_NO_STATE
         if majority is None and max(p.round for p in others.values()) > self.round:
             return SyncOutcome.BEHIND_NO_STATE  # others claim to be ahead, but no state has a majority (yet)
         mine = Progress(self.round, self.digest)
