@@ -102,5 +102,6 @@ def train_in_swarm(peer: SwarmPeer, session: Session, out_dir: Path, console: Co
         while not stop["now"] and time.monotonic() < linger_until and (
                 peer.peers_behind() or time.monotonic() < serve_coordinator_until):
             progress.update(bar, status="done; serving the final state to peers still behind")
+            peer.publish_progress()  # a peer still behind finds its donors only while their records live
             time.sleep(1.0)
     plot_run(log, out_dir / "plot.png", title=f"{config.run.id}: peer {peer.peer_id[-8:]}")

@@ -183,10 +183,15 @@ class SwarmPeer(TrainerDecisions):
     def catch_up(self, wait: float = 2.0) -> bool:
         """A joiner's first sync, retried while others claim to be ahead, for as long as a departed peer's progress
         record can live: until it expires it counts as a live identity, and with it there may be no majority
-        yet. (Peers also admit a newcomer's state download only once they have read its token, each round.)"""
+        yet. (Peers also admit a newcomer's state download only once they have read its token, each round.) Like
+        any peer behind, it loads the round the others are only starting (``next_position``)."""
         deadline = time.monotonic() + PROGRESS_LIFETIME + wait
         while time.monotonic() < deadline:
-            if self.sync_from_peers():
+            self.refresh_admission()  # the tokens first: progress counts only with them
+            majority = majority_position(self.others_progress())
+            if majority is not None and majority.round > self.round:
+                majority = self.next_position(majority, self.averager.max_seconds)
+            if majority is not None and self.sync_from_peers(majority):
                 return True
             if self.furthest_other_round() <= self.round:
                 return False  # nobody is ahead of θ_0: nothing to catch up with
@@ -312,7 +317,10 @@ class SwarmPeer(TrainerDecisions):
     def next_position(self, seen: Progress, timeout: float) -> Progress:
         """The first majority position past ``seen`` (polled), or ``seen`` after ``timeout``. A peer behind loads
         the state of a round the others are only starting: it then reaches that round's matchmaking (each round
-        has its own key) while it is open. The round the others are already in it would miss, and chase them."""
+        has its own key) while it is open. The round the others are already in it would miss, and chase them.
+        After the run's last round nothing comes: that one is loaded at once."""
+        if seen.round >= self.config.run.rounds:
+            return seen
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             position = majority_position(self.others_progress())
