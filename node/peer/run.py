@@ -86,8 +86,9 @@ def train_in_swarm(peer: SwarmPeer, session: Session, out_dir: Path, console: Co
             if failures >= config.swarm.max_failed_rounds:
                 raise SwarmStalled(f"gave up after {failures} failed rounds in a row at round {peer.round} "
                                    f"(last: {report.failure})")
-            # also when a resync brought the model there (the last round included)
-            if peer.round != evaluated_at and (peer.round % config.eval.every == 0 or peer.round == config.run.rounds):
+            # also when a resync brought the model there or past it (the last round included)
+            if peer.round // config.eval.every > evaluated_at // config.eval.every or (
+                    peer.round == config.run.rounds != evaluated_at):
                 run_eval()
             if not report.stepped:
                 status = f"waiting: {report.failure}"

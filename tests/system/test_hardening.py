@@ -53,8 +53,9 @@ def hardened(tmp_path_factory):
 
 
 def accuracies_at(nodes: list[NodeProcess], round_: int) -> list[float]:
-    """Each node's held-out accuracy at ``round_`` (empty until every one of them has evaluated there)."""
-    found = [[r["accuracy"] for r in n.records("eval") if r["round"] == round_] for n in nodes]
+    """Each node's held-out accuracy at ``round_``, or at the first round after it that it evaluated (a peer that
+    resynced past ``round_`` evaluates where it landed); empty until every one of them has evaluated there."""
+    found = [[r["accuracy"] for r in n.records("eval") if r["round"] >= round_] for n in nodes]
     return [values[0] for values in found] if all(found) else []
 
 
@@ -73,6 +74,8 @@ def suspensions(node: NodeProcess) -> set[str]:
 
 
 def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
+    """Run one misbehaving node until the honest peers stepped WINDOW rounds alongside it, and count what they
+    lost meanwhile; the joiner of LiesAboutState joins after that count, while the liar still runs."""
     honest = swarm.nodes[:HONEST]
     attempts_before = [len(n.train_records()) for n in honest]
     misbehaving = swarm.add_node(f"misbehaving-{name}", entry=[MISBEHAVING, name])
@@ -83,13 +86,17 @@ def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
                  or all(peer_id in exclusions(n) for n in honest), JOIN_TIMEOUT, f"a round {name} took part in",
                  explain=lambda: describe(swarm))
         stepped_at = [len(n.stepped_rounds()) for n in honest]
-        if name == "LiesAboutState":
-            outcome["joiner"] = join_while_a_donor_lies(swarm)
         wait_for(lambda: all(len(n.stepped_rounds()) >= at + WINDOW for n, at in zip(honest, stepped_at, strict=True)),
                  JOIN_TIMEOUT, f"{WINDOW} honest rounds alongside {name}", explain=lambda: describe(swarm))
+        window = [n.train_records()[before:] for n, before in zip(honest, attempts_before, strict=True)]
+        if name == "LiesAboutState":
+            outcome["joiner"] = join_while_a_donor_lies(swarm)
     finally:
         stop_groups([misbehaving.process])
-    window = [n.train_records()[before:] for n, before in zip(honest, attempts_before, strict=True)]
+    # the round its stop broke (it may have been in a group) ends before the next one's count begins
+    stepped_at = [len(n.stepped_rounds()) for n in honest]
+    wait_for(lambda: all(len(n.stepped_rounds()) > at for n, at in zip(honest, stepped_at, strict=True)),
+             JOIN_TIMEOUT, f"an honest round after {name} stopped", explain=lambda: describe(swarm))
     outcome["lost"] = [sum(not r["stepped"] for r in records) for records in window]
     outcome["failures"] = sorted({r.get("failure") or "" for records in window for r in records if not r["stepped"]})
     outcome["alive"] = [n.process.poll() is None for n in honest]
@@ -97,7 +104,7 @@ def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
                             for records in window for r in records if r["stepped"])
     outcome["excluded_by"] = [exclusions(n).get(peer_id) for n in honest]
     outcome["suspended_by"] = [peer_id in suspensions(n) for n in honest]
-    outcome["honest_suspended"] = sorted(set().union(*map(suspensions, honest)) - {peer_id})
+    outcome["honest_suspended"] = sorted(set().union(*map(suspensions, honest)) & set(map(peer_id_of, honest)))
     print(f"{name}: rounds lost per honest peer {outcome['lost']} ({', '.join(outcome['failures']) or 'none'}); "
           f"excluded by {sum(e is not None for e in outcome['excluded_by'])} of {HONEST}, "
           f"suspended by {sum(outcome['suspended_by'])}; honest peers suspended: {outcome['honest_suspended']}")
