@@ -17,6 +17,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import StepControl
+from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 from hivemind.compression import NoCompression, quantization, serialization
@@ -98,6 +99,12 @@ def internals_problems() -> list[str]:
                             "bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, "
                             "group_info.gathered))")
     problems += _methods(Matchmaking, "_request_join_group")
+    # averager.py: matchmaking under the key of the step's round (group bits), from the step's own gather
+    problems += _source_has(Matchmaking.__init__, "self.group_key_manager = GroupKeyManager(")
+    problems += _source_has(GroupKeyManager.current_key.fget, "self.group_bits")
+    problems += _source_has(Matchmaking._check_reasons_to_reject, "self.group_key_manager.current_key")
+    if not isinstance(getattr(StepControl, "data_for_gather", None), property):
+        problems.append("StepControl.data_for_gather is no longer a property")
     if not isinstance(getattr(StepControl, "began_allreduce", None), property):
         problems.append("StepControl.began_allreduce is no longer a property")
     # codecs.py: the 8-bit decoders registered by wire type
