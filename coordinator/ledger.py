@@ -27,8 +27,6 @@ from protocol.records import DEFAULT_MAX_AGE
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x67727077  # "grpw": marks the file as a grpo-swarm ledger
 NONCE_HORIZON = 2 * DEFAULT_MAX_AGE  # records older than this are refused by age anyway
-MAX_ROUND_LEAD = 10  # rounds a report may name past the swarm's round (round_limit)
-LIVE_SECONDS = 120.0  # a trainer heard from this recently counts towards the swarm's round
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -236,18 +234,6 @@ class Ledger:
 
         db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
                    (round_, reward, mean_of("accuracy"), mean_of("allreduce_seconds"), peers, now))
-
-    def round_limit(self, now: float) -> Optional[int]:
-        """The furthest round a heartbeat or verdict may name: MAX_ROUND_LEAD past the second-furthest round of the
-        unbanned trainers that reported a round and were heard from in the last LIVE_SECONDS (else of all that
-        ever reported one), so that no one identity can move the run's round, nor fill the ledger with rounds to
-        come, while peers behind (joiners, stragglers) hold back no one. None (no limit) before any trainer
-        reported a round: the first sets the bar."""
-        reported = "role = 'trainer' AND banned = 0 AND model_digest != ''"
-        rounds = [r for (r,) in self._read(f"SELECT round FROM peers WHERE {reported} AND last_seen >= ? "
-                                           f"ORDER BY round DESC", (now - LIVE_SECONDS,))]
-        rounds = rounds or [r for (r,) in self._read(f"SELECT round FROM peers WHERE {reported} ORDER BY round DESC")]
-        return rounds[min(1, len(rounds) - 1)] + MAX_ROUND_LEAD if rounds else None
 
     def has_verdict(self, verifier: str, peer_id: str, round_: int) -> bool:
         """Whether ``verifier`` already judged ``peer_id``'s round ``round_`` (one verdict each: no verifier fills

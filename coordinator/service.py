@@ -30,7 +30,7 @@ import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from coordinator.ledger import MAX_ROUND_LEAD, Ledger, ReplayedRecord
+from coordinator.ledger import Ledger, ReplayedRecord
 from protocol import swarm_pb2, swarm_pb2_grpc
 from protocol.identity import (
     SigningKey,
@@ -209,7 +209,6 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             _require(heartbeat.peer_id in ("", token.peer_id),
                      f"heartbeat of {heartbeat.peer_id} sent by {token.peer_id}")
             _require(heartbeat.round >= 0, f"round {heartbeat.round} is negative")
-            self._require_reachable(heartbeat.round, now)
             _short(heartbeat.model_digest, "model digest")
             _require(len(heartbeat.metrics) <= MAX_METRICS, f"more than {MAX_METRICS} metrics")
             for name, value in heartbeat.metrics.items():
@@ -233,7 +232,6 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             _short(verdict.evidence, "evidence", MAX_EVIDENCE)
             _require(self.ledger.peer(verdict.peer_id) is not None, f"unknown peer {verdict.peer_id}",
                      grpc.StatusCode.NOT_FOUND)
-            self._require_reachable(verdict.round, now)
             _require(not self.ledger.has_verdict(token.peer_id, verdict.peer_id, verdict.round),
                      f"a verdict on {verdict.peer_id}'s round {verdict.round} by this verifier is already recorded",
                      grpc.StatusCode.ALREADY_EXISTS)
@@ -243,13 +241,6 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         if banned:
             logger.warning(f"banned {verdict.peer_id}: verifier {token.peer_id} failed it on {verdict.check}")
         return swarm_pb2.Ack(message=f"banned {verdict.peer_id}" if banned else "recorded")
-
-    def _require_reachable(self, round_: int, now: float) -> None:
-        """A report may not name a round far past the swarm's (Ledger.round_limit)."""
-        limit = self.ledger.round_limit(now)
-        if limit is not None and round_ > limit:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is more than {MAX_ROUND_LEAD} "
-                                                               f"rounds past the swarm's ({limit - MAX_ROUND_LEAD})")
 
     # ---- administration --------------------------------------------------------------------------
     def _admin_action(self, record: swarm_pb2.SignedRecord, kind: str, now: float) -> swarm_pb2.AdminAction:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from coordinator.ledger import LIVE_SECONDS, MAX_ROUND_LEAD, Ledger, LedgerError, ReplayedRecord
+from coordinator.ledger import Ledger, LedgerError, ReplayedRecord
 from protocol import swarm_pb2
 from tests.command import ROOT
 
@@ -53,21 +53,6 @@ def test_rounds_aggregate_the_peers_reports(ledger):
     assert math.isnan(first.accuracy)  # no eval in round 0
     assert (second.reward, second.accuracy, second.peers) == (1.0, 0.5, 1)
     assert [(p.peer_id, p.rounds_contributed, p.round) for p in status.peers] == [("A", 2, 1), ("B", 1, 0)]
-
-
-def test_the_round_limit_follows_the_live_trainers_not_one_identity(ledger):
-    assert ledger.round_limit(time.time()) is None  # no trainer reported a round yet: the first sets the bar
-    add_peer(ledger, "A")
-    heartbeat(ledger, "A", 5)
-    assert ledger.round_limit(time.time()) == 5 + MAX_ROUND_LEAD  # alone, it sets the bar itself
-    for peer, round_ in (("B", 0), ("C", 7), ("D", 1000)):  # B lags behind, D got in somehow: neither counts
-        add_peer(ledger, peer)
-        heartbeat(ledger, peer, round_)
-    add_peer(ledger, "V", role="verifier")
-    add_peer(ledger, "E")  # registered, no report yet: not counted
-    assert ledger.round_limit(time.time()) == 7 + MAX_ROUND_LEAD
-    # nobody heard from lately (a coordinator restarted on its ledger): every trainer that reported counts
-    assert ledger.round_limit(time.time() + LIVE_SECONDS + 1) == 7 + MAX_ROUND_LEAD
 
 
 def test_one_verdict_per_verifier_peer_and_round_is_recorded(ledger):
