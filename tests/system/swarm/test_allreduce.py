@@ -39,15 +39,16 @@ def check_failure_round_then_recovery(swarm, stop_signal):
     results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in survivors]
     for result in results:
         assert result["seconds"] <= ready["max_seconds"] and result["inputs_unchanged"], result
-        # what a failed member saw: the victim, and only it, failed to deliver (SwarmPeer suspends it)
-        assert result["ok"] or result["dropped"] == [victim.ready["peer_id"]], result
+        # a failed member may name the victim for failing to deliver (SwarmPeer suspends it), never a survivor
+        assert not set(result["dropped"]) & {peer.ready["peer_id"] for peer in survivors}, result
     agreed = [rank for rank, result in enumerate(results) if result["ok"]]
     if agreed:  # whoever reports ok must hold the same tensors as every other peer reporting ok
         assert len({results[rank]["digest"] for rank in agreed}) == 1
         reference = saved(swarm, agreed[0], 1)
         for rank in agreed[1:]:
             assert all(torch.equal(a, b) for a, b in zip(saved(swarm, rank, 1), reference, strict=True))
-    print(f"round with {stop_signal!r}: {[(r['ok'], round(r['seconds'], 2), r['reason']) for r in results]}")
+    print(f"round with {stop_signal!r}: "
+          f"{[(r['ok'], round(r['seconds'], 2), r['reason'], r['dropped']) for r in results]}")
 
     results = run_agreed_round(survivors, 2, ready)
     assert_all_agree_on_mean(swarm, results, 2, {rank: WEIGHTS[rank] for rank in (0, 1)})
