@@ -39,8 +39,6 @@ def check_failure_round_then_recovery(swarm, stop_signal):
     results = [peer.expect("result", ready["max_seconds"] + MARGIN) for peer in survivors]
     for result in results:
         assert result["seconds"] <= ready["max_seconds"] and result["inputs_unchanged"], result
-        # a failed member may name the victim for failing to deliver (SwarmPeer suspends it), never a survivor
-        assert not set(result["dropped"]) & {peer.ready["peer_id"] for peer in survivors}, result
     agreed = [rank for rank, result in enumerate(results) if result["ok"]]
     if agreed:  # whoever reports ok must hold the same tensors as every other peer reporting ok
         assert len({results[rank]["digest"] for rank in agreed}) == 1
