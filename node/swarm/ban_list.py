@@ -59,14 +59,19 @@ def publish_bans(dht: hivemind.DHT, coordinator_key, run_id: str, banned: Iterab
                   return_future=True)
 
 
-def read_ban_part(data: bytes, coordinator_public_key: bytes, run_id: str) -> tuple[float, swarm_pb2.BanList]:
-    """(when signed, the part) of a ban-list part the coordinator signed; raises RecordError otherwise."""
+def read_ban_part(data, subkey, coordinator_public_key: bytes, run_id: str) -> tuple[float, swarm_pb2.BanList]:
+    """(when signed, the part) of a ban-list part the coordinator signed, stored under its own index as subkey;
+    raises RecordError otherwise."""
+    if not isinstance(data, bytes):
+        raise RecordError(f"{type(data).__name__}, not a signed record")
     record = parse_record(data)
     if record.public_key != coordinator_public_key:
         raise RecordError("ban list not signed by the coordinator")
     part = open_record(record, run_id=run_id, kind="bans", body_type=swarm_pb2.BanList, max_age=BANS_LIFETIME)
     if not part.part < part.parts <= MAX_BAN_PARTS:
         raise RecordError(f"ban list part {part.part} of {part.parts} (at most {MAX_BAN_PARTS} parts)")
+    if type(subkey) is not int or subkey != part.part:  # a bool equals 0 or 1, and is no index
+        raise RecordError(f"part {part.part} under subkey {subkey!r:.40}")
     return record.timestamp, part
 
 
@@ -78,11 +83,7 @@ def newest_ban_list(parts: Mapping[object, bytes], coordinator_public_key: bytes
     dropped = []
     for subkey, data in parts.items():
         try:
-            if not isinstance(data, bytes):
-                raise RecordError(f"{type(data).__name__}, not a signed record")
-            signed_at, part = read_ban_part(data, coordinator_public_key, run_id)
-            if type(subkey) is not int or subkey != part.part:
-                raise RecordError(f"part {part.part} under subkey {subkey!r:.40}")
+            signed_at, part = read_ban_part(data, subkey, coordinator_public_key, run_id)
         except RecordError as e:
             dropped.append(f"ban list part under {subkey!r:.40}: {e}")
             continue

@@ -237,11 +237,7 @@ class RunRecords(RecordValidatorBase):
         return get_dht_time() + PROGRESS_LIFETIME
 
     def _bans(self, subkey, value) -> float:
-        if not isinstance(value, bytes):
-            raise RefusedRecord(f"bans: {type(value).__name__}, not a ban list part")
-        signed_at, part = read_ban_part(value, self.coordinator_public_key, self.run_id)
-        if type(subkey) is not int or subkey != part.part:
-            raise RefusedRecord(f"bans: part {part.part} under subkey {subkey!r:.60}")
+        signed_at, _ = read_ban_part(value, subkey, self.coordinator_public_key, self.run_id)
         return signed_at + BANS_LIFETIME
 
     def _contribution(self, subkey, value) -> float:

@@ -104,7 +104,7 @@ PARSERS = {
                          lambda: agreement_record(KEY, RUN, "fuzzed-grads.digests.r3.0123456789abcdef", 3, "ab" * 32),
                          RecordError),
     "access token": (lambda d: read_token(d, COORDINATOR.public_key, RUN, "QmPeer"), token_bytes, TokenError),
-    "ban list part": (lambda d: read_ban_part(d, COORDINATOR.public_key, RUN), ban_list_bytes, RecordError),
+    "ban list part": (lambda d: read_ban_part(d, 0, COORDINATOR.public_key, RUN), ban_list_bytes, RecordError),
     "run announcement": (lambda d: read_announcement(RUN, d), announcement_bytes, (RecordError, ConfigError)),
     "rollout bundle": (read_bundle, bundle_bytes, BundleError),
 }
