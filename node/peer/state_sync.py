@@ -7,7 +7,8 @@ from one of the peers that published it, and check the state whole before a valu
 model (node/train/state.py) and hash to the vouched digest at the vouched round. A donor whose state is not
 a state of this model, or has another digest at the round it published, is named in the result, so the
 caller can stop asking it (and stop averaging with it). One that serves another round is only skipped: an
-honest donor steps between publishing its progress and serving its state.
+honest donor steps between publishing its progress and serving its state. So is one whose stream ends early
+(fewer tensors than its metadata names): a cut connection looks the same.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 from node.swarm.averaging import RoundAverager
 from node.swarm.progress import Progress
 from node.train.learner import Learner
-from node.train.state import StateError, check_served_state, load_served_state
+from node.train.state import IncompleteState, StateError, check_served_state, load_served_state
 from protocol.digest import model_digest
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ def load_vouched_state(averager: RoundAverager, learner: Learner, position: Prog
                 raise StateError(f"it served model digest {digest[:12]} at round {state.round}, having published "
                                  f"{position.digest[:12]}")
             load_served_state(learner.params, learner.optimizer, state)
+        except IncompleteState as e:
+            logger.warning(f"state of {donor} incomplete, trying another donor: {e}")
+            continue
         except StateError as e:
             logger.warning(f"state of {donor} refused: {e}")
             load.refused[donor] = str(e)

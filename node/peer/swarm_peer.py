@@ -107,7 +107,7 @@ class SwarmPeer(TrainerDecisions):
         self.digest = model_digest(self.policy.model)  # of the model we hold now; kept current
         self.commitment: Optional[Commitment] = None  # the latest round this peer committed to
         # peers this peer caught breaking the protocol itself (a donor serving another state than it published, a
-        # reducer returning a non-finite average) -> what it did; not asked or averaged with again
+        # reducer returning a non-finite average) -> what it did; not asked, averaged with or counted again
         self.excluded: dict[str, str] = {}
         self.suspensions = Suspensions(self.peer_id)  # members that failed to deliver to it, kept out for a while
         self.state_lock = threading.RLock()  # parameters, optimizer, round and digest change together under it
@@ -131,15 +131,16 @@ class SwarmPeer(TrainerDecisions):
             self.refresh_admission()
 
     def refresh_admission(self) -> None:
-        """Re-read tokens and bans (the coordinator's and the donors caught lying to this peer); the averager takes
-        only admitted peers into the next group, less those suspended (suspensions.py)."""
+        """Re-read the coordinator's tokens and bans; the averager takes only admitted peers into the next group,
+        less those this peer excluded or suspended (suspensions.py). Exclusions stay out of ``admission``: an
+        excluded peer keeps its token's key, so a verifier still audits it and reads its signed reports."""
         if self.admission is None:
             return
         self.admission.refresh(self.dht)
-        self.admission.banned |= set(self.excluded)
         if self.membership is not None:
             self.admission.banned |= self.membership.banned
-        self.averager.set_admitted((self.admission.admitted() - self.suspensions.current()) | {self.peer_id})
+        shunned = set(self.excluded) | self.suspensions.current()
+        self.averager.set_admitted((self.admission.admitted() - shunned) | {self.peer_id})
 
     def report(self, round_: int, metrics: dict) -> None:
         """Heartbeat data for the coordinator (sent from the membership thread)."""
@@ -305,10 +306,11 @@ class SwarmPeer(TrainerDecisions):
         return None if token is None else token.public_key
 
     def others_progress(self) -> dict[str, Progress]:
-        """{peer: Progress} of the other live peers (in an admitted run, each signed by its token's key)."""
+        """{peer: Progress} of the other live peers (in an admitted run, each signed by its token's key), less those
+        this peer excluded: a peer caught lying has no say in where the swarm stands."""
         key_of = None if self.admission is None else self.key_of
         return {peer: progress for peer, progress in published_progress(self.dht, self.config.run.id, key_of).items()
-                if peer != self.peer_id}
+                if peer != self.peer_id and peer not in self.excluded}
 
     def furthest_other_round(self) -> int:
         """The furthest round another live peer published (-1: none). A claim, not a position to trust."""

@@ -43,6 +43,11 @@ class StateError(ValueError):
     """A state served by a peer that does not fit the run's model; nothing was loaded."""
 
 
+class IncompleteState(StateError):
+    """A served state with fewer tensors than its metadata names: the stream ended early. A cut connection does
+    that too, so it is no evidence against the donor (unlike every other misfit)."""
+
+
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter (the learner's optimizer)
 
 
@@ -67,7 +72,9 @@ def check_served_state(params: Sequence[torch.nn.Parameter], optimizer: torch.op
         raise StateError(f"state metadata unreadable ({type(e).__name__}: {e})") from None
     if round_ < 0 or not all(isinstance(key, str) for key in keys) or len(set(keys)) != len(keys):
         raise StateError(f"state metadata invalid (round {round_}, optimizer keys {keys[:3]}...)")
-    if len(tensors) != len(params) + len(keys):
+    if len(tensors) < len(params) + len(keys):
+        raise IncompleteState(f"state has only {len(tensors)} tensors, this model needs {len(params)} + {len(keys)}")
+    if len(tensors) > len(params) + len(keys):
         raise StateError(f"state has {len(tensors)} tensors, this model needs {len(params)} + {len(keys)}")
     for index, (param, value) in enumerate(zip(params, tensors[:len(params)], strict=True)):
         if not isinstance(value, torch.Tensor) or value.shape != param.shape or value.dtype != param.dtype:

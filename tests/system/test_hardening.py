@@ -73,6 +73,16 @@ def suspensions(node: NodeProcess) -> set[str]:
     return {match[1] for match in SUSPENDED.finditer(node_log(node))}
 
 
+def failure_kind(record: dict) -> str:
+    """A failed round's kind, with a disagreement only because a member published no digest told apart: that
+    member failed its own all-reduce (under CI load a reducer's reply to one honest member can be late while the
+    others finish), which is not members stepping on different results."""
+    failure = record.get("failure") or ""
+    if failure == "disagreement" and record.get("reason", "").startswith("no digest"):
+        return "missing-digest"
+    return failure
+
+
 def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
     """Run one misbehaving node until the honest peers stepped WINDOW rounds alongside it, and count what they
     lost meanwhile; the joiner of LiesAboutState joins after that count, while the liar still runs."""
@@ -98,7 +108,7 @@ def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
     wait_for(lambda: all(len(n.stepped_rounds()) > at for n, at in zip(honest, stepped_at, strict=True)),
              JOIN_TIMEOUT, f"an honest round after {name} stopped", explain=lambda: describe(swarm))
     outcome["lost"] = [sum(not r["stepped"] for r in records) for records in window]
-    outcome["failures"] = sorted({r.get("failure") or "" for records in window for r in records if not r["stepped"]})
+    outcome["failures"] = sorted({failure_kind(r) for records in window for r in records if not r["stepped"]})
     outcome["alive"] = [n.process.poll() is None for n in honest]
     outcome["finite"] = all(math.isfinite(r["reward"]) and math.isfinite(r.get("grad_norm", 0.0))
                             for records in window for r in records if r["stepped"])
@@ -138,14 +148,14 @@ def test_a_misbehaving_peer_neither_stops_nor_poisons_the_honest_swarm(hardened,
 def test_a_reducer_that_returns_nan_is_excluded_by_every_honest_peer(hardened):
     outcome = hardened["ReturnsNaN"]
     assert all(why is not None and "non-finite" in why for why in outcome["excluded_by"]), outcome
-    assert set(outcome["failures"]) <= {"non-finite", "allreduce", "alone"}, outcome
+    assert set(outcome["failures"]) <= {"non-finite", "allreduce", "missing-digest", "alone"}, outcome
 
 
 @pytest.mark.slow
 def test_a_member_that_stalls_in_the_all_reduce_is_suspended_by_every_honest_peer(hardened):
     outcome = hardened["StallsInAllReduce"]
     assert all(outcome["suspended_by"]), outcome
-    assert set(outcome["failures"]) <= {"allreduce", "alone"}, outcome
+    assert set(outcome["failures"]) <= {"allreduce", "missing-digest", "alone"}, outcome
 
 
 @pytest.mark.slow
