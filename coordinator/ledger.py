@@ -19,12 +19,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from protocol import swarm_pb2
 from protocol.records import DEFAULT_MAX_AGE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x67727077  # "grpw": marks the file as a grpo-swarm ledger
 NONCE_HORIZON = 2 * DEFAULT_MAX_AGE  # records older than this are refused by age anyway
 
@@ -53,6 +53,14 @@ CREATE INDEX metrics_by_round ON metrics (round, name);
 CREATE TABLE nonces (nonce BLOB PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX nonces_by_age ON nonces (at);
 """
+# Trainers' reports of peers they caught breaking the protocol (service.py Heartbeat): one per reporter and culprit.
+REPORTS_TABLE = """
+CREATE TABLE reports (peer_id TEXT NOT NULL, reporter TEXT NOT NULL, round INTEGER NOT NULL, what TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (peer_id, reporter))"""
+SCHEMA += REPORTS_TABLE + ";\n"
+MIGRATIONS = {1: [REPORTS_TABLE]}  # the statements that bring a ledger of schema vN to vN+1
+LIVE_SECONDS = 120.0  # a trainer heard from this recently is live: it has a voice on reported culprits
+MIN_REPORTERS = 2  # one reporter bans no one, even when it is the only trainer heard from (after an outage)
 
 
 class LedgerError(RuntimeError):
@@ -110,7 +118,7 @@ class Ledger:
         if application_id != APPLICATION_ID:
             raise LedgerError(f"{self.path}: not a grpo-swarm ledger (an SQLite file of something else)")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION or any(old not in MIGRATIONS for old in range(version, SCHEMA_VERSION)):
             raise LedgerError(f"{self.path}: ledger schema v{version}, this coordinator reads v{SCHEMA_VERSION}")
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("run_id") != self.run_id:
@@ -121,6 +129,12 @@ class Ledger:
                               f"{meta.get('config_digest', '')[:12]}, this config is {self.config_digest[:12]} "
                               "(a run's config cannot change; start a new run id)")
         self._set_journal()
+        if version < SCHEMA_VERSION:
+            with self._write() as db:
+                for old in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[old]:
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _set_journal(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -208,13 +222,16 @@ class Ledger:
 
     # ---- rounds --------------------------------------------------------------------------------
     def heartbeat(self, peer_id: str, round_: int, model_digest: str, metrics: dict[str, float], nonce: bytes,
-                  timestamp: float, now: float) -> None:
+                  timestamp: float, now: float, exclusions: Sequence[swarm_pb2.Exclusion] = ()) -> dict[str, str]:
         """Record a peer's report on round ``round_``: its metrics (a later report of the same metric for the
         same round replaces the earlier one: a retried round counts once), and a contribution when it took
-        part (metrics has "reward" and no "stepped" = 0); then refresh that round's aggregates."""
+        part (metrics has "reward" and no "stepped" = 0); then refresh that round's aggregates. With it, the
+        peers it caught breaking the protocol: each one more than half of the live trainers (itself not
+        counted) have now reported is banned. Returns {peer: why} of those this heartbeat banned."""
         with self._write(nonce, timestamp) as db:
             db.execute("UPDATE peers SET last_seen = ?, round = max(round, ?), model_digest = ? WHERE peer_id = ?",
                        (now, round_, model_digest, peer_id))
+            banned = self._report(db, peer_id, exclusions, now) if exclusions else {}
             db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
                            [(peer_id, round_, name, value, now) for name, value in sorted(metrics.items())])
             if "reward" in metrics and metrics.get("stepped", 1.0) != 0:
@@ -222,6 +239,31 @@ class Ledger:
                            (peer_id, round_, metrics.get("token_count"), metrics["reward"], metrics.get("grad_norm"),
                             model_digest, now))
             self._update_round(db, round_, now)
+        return banned
+
+    def _report(self, db: sqlite3.Connection, reporter: str, exclusions: Sequence[swarm_pb2.Exclusion],
+                now: float) -> dict[str, str]:
+        """Keep ``reporter``'s reports (of registered peers only) and ban each culprit whose reporters are
+        more than half of the live, unbanned trainers other than it, and at least MIN_REPORTERS. Nobody can
+        check what a reporter saw, so one reporter (or a minority of colluding identities) bans no one."""
+        db.executemany("INSERT OR REPLACE INTO reports SELECT ?, ?, ?, ?, ? WHERE EXISTS "
+                       "(SELECT 1 FROM peers WHERE peer_id = ?)",
+                       [(e.peer_id, reporter, e.round, e.what, now, e.peer_id) for e in exclusions])
+        live = {row[0] for row in db.execute("SELECT peer_id FROM peers WHERE role = 'trainer' AND banned = 0 AND "
+                                             "last_seen >= ?", (now - LIVE_SECONDS,))}
+        banned = {}
+        for culprit in sorted({e.peer_id for e in exclusions}):
+            voters = live - {culprit}
+            reports = db.execute("SELECT reporter, round, what FROM reports WHERE peer_id = ? ORDER BY round",
+                                 (culprit,)).fetchall()
+            reporters = {reporter for reporter, _, _ in reports} & voters
+            if 2 * len(reporters) <= len(voters) or len(reporters) < MIN_REPORTERS:
+                continue
+            _, round_, what = reports[-1]
+            reason = f"reported by {len(reporters)} of {len(voters)} live trainers (round {round_}: {what})"
+            if self._ban(db, culprit, reason, "reports", now):
+                banned[culprit] = reason
+        return banned
 
     @staticmethod
     def _update_round(db: sqlite3.Connection, round_: int, now: float) -> None:
@@ -264,7 +306,7 @@ class Ledger:
     def status(self) -> swarm_pb2.StatusReply:
         with self._lock:
             peers = self._db.execute(
-                "SELECT p.peer_id, p.address, p.role, p.banned, p.last_seen, p.round, "
+                "SELECT p.peer_id, p.address, p.role, p.banned, p.ban_reason, p.last_seen, p.round, "
                 "(SELECT count(*) FROM contributions c WHERE c.peer_id = p.peer_id), "
                 "(SELECT count(*) FROM verdicts v WHERE v.peer_id = p.peer_id AND v.passed = 1), "
                 "(SELECT count(*) FROM verdicts v WHERE v.peer_id = p.peer_id AND v.passed = 0) "
@@ -272,9 +314,9 @@ class Ledger:
             rounds = self._db.execute("SELECT round, reward, accuracy, allreduce_seconds, peers FROM rounds "
                                       "ORDER BY round").fetchall()
         reply = swarm_pb2.StatusReply(run_id=self.run_id, config_digest=self.config_digest)
-        for peer_id, address, role, banned, last_seen, round_, contributed, passed, failed in peers:
-            reply.peers.add(peer_id=peer_id, address=address, role=role, banned=bool(banned), last_seen=last_seen,
-                            round=round_, rounds_contributed=contributed, verdicts_passed=passed,
+        for peer_id, address, role, banned, ban_reason, last_seen, round_, contributed, passed, failed in peers:
+            reply.peers.add(peer_id=peer_id, address=address, role=role, banned=bool(banned), ban_reason=ban_reason,
+                            last_seen=last_seen, round=round_, rounds_contributed=contributed, verdicts_passed=passed,
                             verdicts_failed=failed)
         for round_, reward, accuracy, allreduce_seconds, count in rounds:
             reply.rounds.add(round=round_, reward=_or_nan(reward), accuracy=_or_nan(accuracy),

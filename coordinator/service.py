@@ -8,7 +8,8 @@ nothing. Refusals are gRPC status codes with a one-line reason:
 - INVALID_ARGUMENT: a missing or malformed field, a record of the wrong kind or run, a stale record
 - UNAUTHENTICATED: a bad signature, a bad proof of possession of the libp2p key, a replayed record,
   a token that is not ours, expired, or not the signer's
-- PERMISSION_DENIED: a banned peer; a ban not signed by the admin key; a verdict from a non-verifier
+- PERMISSION_DENIED: a banned peer; a ban not signed by the admin key; a verdict from a non-verifier;
+  exclusions reported by a non-trainer
 - ALREADY_EXISTS: a peer id registered before with another Ed25519 key
 - NOT_FOUND: a peer the ledger does not know
 - RESOURCE_EXHAUSTED: a message over the server's size limit (refused by gRPC itself)
@@ -40,7 +41,7 @@ from protocol.identity import (
     peer_id_from_public_der,
     verify_p2p,
 )
-from protocol.records import RecordError, check_signature, open_record
+from protocol.records import MAX_EXCLUSIONS, RecordError, check_signature, open_record
 from protocol.tokens import TokenError, check_token, issue_token
 
 logger = logging.getLogger(__name__)
@@ -214,9 +215,23 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             for name, value in heartbeat.metrics.items():
                 _short(name, "metric name")
                 _require(math.isfinite(value), f"metric {name!r} is {value}")
-            self.ledger.heartbeat(token.peer_id, heartbeat.round, heartbeat.model_digest, dict(heartbeat.metrics),
-                                  request.record.nonce, request.record.timestamp, now)
+            _require(len(heartbeat.exclusions) <= MAX_EXCLUSIONS, f"more than {MAX_EXCLUSIONS} exclusions")
+            _require(token.role == "trainer" or not heartbeat.exclusions, "only trainers report exclusions",
+                     grpc.StatusCode.PERMISSION_DENIED)
+            for exclusion in heartbeat.exclusions:
+                _require(bool(exclusion.peer_id) and exclusion.peer_id != token.peer_id,
+                         f"an exclusion of {exclusion.peer_id!r:.60}: name another peer")
+                _short(exclusion.peer_id, "excluded peer id")
+                _short(exclusion.what, "exclusion", MAX_EVIDENCE)
+                _require(exclusion.round >= 0, f"exclusion round {exclusion.round} is negative")
+            reported = self.ledger.heartbeat(token.peer_id, heartbeat.round, heartbeat.model_digest,
+                                             dict(heartbeat.metrics), request.record.nonce, request.record.timestamp,
+                                             now, exclusions=heartbeat.exclusions)
+            for peer_id in reported:
+                self._set_banned(peer_id, True)
             banned = sorted(self.banned)
+        for peer_id, reason in reported.items():
+            logger.warning(f"banned {peer_id}: {reason}")
         return swarm_pb2.HeartbeatReply(round=self.ledger.furthest_round(), banned=banned)
 
     @_answers

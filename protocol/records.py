@@ -23,6 +23,7 @@ DOMAIN = b"grpo-swarm/record/v1"
 NONCE_BYTES = 16
 MAX_RECORD_BYTES = 15 * 1024  # DHT values above ~16 KiB can hang hivemind's DHT (docs/DESIGN.md)
 DEFAULT_MAX_AGE = 600.0  # seconds; also the horizon of the replay guard
+MAX_EXCLUSIONS = 16  # a heartbeat record's exclusions (peers send no more, the coordinator takes no more)
 
 
 class RecordError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import grpc
 from google.protobuf import empty_pb2
@@ -136,13 +136,13 @@ class CoordinatorClient:
             return float("-inf")
         return self.token.expires_at - (time.time() if now is None else now)
 
-    def heartbeat(self, round_: int, model_digest: str,
-                  metrics: dict[str, float]) -> Optional[swarm_pb2.HeartbeatReply]:
-        """Report the round this peer just finished (one try: the next heartbeat is the retry); None when the
-        coordinator cannot be reached, and training goes on. An expired token is renewed once; a refusal
-        (e.g. banned) is a CoordinatorError."""
+    def heartbeat(self, round_: int, model_digest: str, metrics: dict[str, float],
+                  exclusions: Sequence[swarm_pb2.Exclusion] = ()) -> Optional[swarm_pb2.HeartbeatReply]:
+        """Report the round this peer just finished, and the peers it excluded since (one try: the next heartbeat
+        is the retry); None when the coordinator cannot be reached, and training goes on. An expired token is
+        renewed once; a refusal (e.g. banned) is a CoordinatorError."""
         body = swarm_pb2.Heartbeat(peer_id=self.identity.peer_id, round=round_, model_digest=model_digest,
-                                   metrics=metrics)
+                                   metrics=metrics, exclusions=exclusions)
 
         def send() -> swarm_pb2.HeartbeatReply:
             return self._call(self._stub.Heartbeat, self._peer_request("heartbeat", round_, body), attempts=1)

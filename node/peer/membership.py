@@ -2,7 +2,8 @@
 
 Training never waits on the coordinator: this thread renews the access token before it expires,
 hands it to the DHT process and publishes it for other peers' averagers (node/swarm/admission.py),
-and sends the latest heartbeat, taking the coordinator's ban list from each reply. While the
+and sends the latest heartbeat (with the peers this one excluded: service.py bans one that most live trainers
+report), taking the coordinator's ban list from each reply. While the
 coordinator is down, heartbeats are skipped and the current token carries the peer on.
 """
 
@@ -18,6 +19,7 @@ from node.peer.coordinator_client import RETRIED, CoordinatorClient, Coordinator
 from node.swarm.admission import push_bans, push_token
 from protocol import swarm_pb2
 from protocol.identity import P2PIdentity, SigningKey
+from protocol.records import MAX_EXCLUSIONS
 
 logger = logging.getLogger(__name__)
 RENEW_FRACTION = 0.5  # renew once half of the token's lifetime is gone
@@ -30,6 +32,7 @@ class Membership:
         self.banned: frozenset[str] = frozenset()
         self._refusal: Optional[str] = None  # the coordinator's last refusal (e.g. banned), logged once
         self._pending: dict[int, tuple[str, dict]] = {}  # round -> (model digest, metrics) not yet delivered
+        self._exclusions: dict[str, swarm_pb2.Exclusion] = {}  # peer -> why this peer excluded it, not yet delivered
         self._lock = threading.Lock()
         self.initial_peers: list[str] = []  # the coordinator's DHT addresses
         self._dht: Optional[hivemind.DHT] = None
@@ -83,6 +86,14 @@ class Membership:
             for old in sorted(self._pending)[:-MAX_PENDING]:
                 del self._pending[old]
 
+    def report_exclusion(self, peer_id: str, round_: int, what: str) -> None:
+        """Tell the coordinator, with the next heartbeat, that this peer caught ``peer_id`` breaking the protocol
+        in ``round_`` (it bans a peer reported by more than half of the live trainers)."""
+        with self._lock:
+            self._exclusions[peer_id] = swarm_pb2.Exclusion(peer_id=peer_id, round=round_, what=what[:1024])
+            for old in list(self._exclusions)[:-MAX_PENDING]:
+                del self._exclusions[old]
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
@@ -107,12 +118,17 @@ class Membership:
         with self._lock:
             pending = sorted(self._pending.items())
         for round_, (digest, metrics) in pending:
-            reply = self.client.heartbeat(round_, digest, metrics)
+            with self._lock:
+                exclusions = list(self._exclusions.values())[:MAX_EXCLUSIONS]
+            reply = self.client.heartbeat(round_, digest, metrics, exclusions)
             if reply is None:  # coordinator down: try again next tick
                 return
             with self._lock:
                 if self._pending.get(round_, (None, None))[1] == metrics:
                     del self._pending[round_]
+                for exclusion in exclusions:
+                    if self._exclusions.get(exclusion.peer_id) == exclusion:
+                        del self._exclusions[exclusion.peer_id]
             self._refusal = None
             if set(reply.banned) != self.banned:
                 self.banned = frozenset(reply.banned)

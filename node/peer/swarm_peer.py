@@ -122,11 +122,13 @@ class SwarmPeer(TrainerDecisions):
 
     def exclude(self, culprits: dict[str, str]) -> None:
         """Stop asking and averaging with peers caught breaking the protocol (in an open swarm, where anyone may
-        join a group, they are only no longer asked for state)."""
+        join a group, they are only no longer asked for state), and report them to the coordinator."""
         for peer, what in culprits.items():
             if peer not in self.excluded:
                 logger.warning(f"{self.peer_id}: excluding {peer}: {what}")
                 self.excluded[peer] = what
+                if self.membership is not None:
+                    self.membership.report_exclusion(peer, self.round, what)
         if culprits:
             self.refresh_admission()
 

@@ -22,6 +22,7 @@ import pytest
 
 from cli.local_swarm.processes import stop_groups
 from cli.local_swarm.swarm import LocalSwarm, NodeProcess
+from node.peer.coordinator_client import coordinator_status
 from tests.system.admitted_swarm import HONEST, JOIN_TIMEOUT, describe, peer_id_of, start_honest_swarm
 from tests.system.conftest import CLEAN_ROUNDS
 from tests.system.misbehaviours import MISBEHAVIOURS
@@ -99,6 +100,8 @@ def run_misbehaviour(swarm: LocalSwarm, name: str) -> dict:
         wait_for(lambda: all(len(n.stepped_rounds()) >= at + WINDOW for n, at in zip(honest, stepped_at, strict=True)),
                  JOIN_TIMEOUT, f"{WINDOW} honest rounds alongside {name}", explain=lambda: describe(swarm))
         window = [n.train_records()[before:] for n, before in zip(honest, attempts_before, strict=True)]
+        outcome["ban"] = next((p.ban_reason for p in coordinator_status(swarm.address).peers
+                               if p.peer_id == peer_id and p.banned), None)
         if name == "LiesAboutState":
             outcome["joiner"] = join_while_a_donor_lies(swarm)
     finally:
@@ -148,6 +151,7 @@ def test_a_misbehaving_peer_neither_stops_nor_poisons_the_honest_swarm(hardened,
 def test_a_reducer_that_returns_nan_is_excluded_by_every_honest_peer(hardened):
     outcome = hardened["ReturnsNaN"]
     assert all(why is not None and "non-finite" in why for why in outcome["excluded_by"]), outcome
+    assert outcome["ban"] is not None and "non-finite" in outcome["ban"], outcome  # the honest peers reported it
     assert set(outcome["failures"]) <= {"non-finite", "allreduce", "missing-digest", "alone"}, outcome
 
 

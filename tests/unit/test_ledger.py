@@ -105,6 +105,35 @@ def test_a_replayed_record_changes_nothing(ledger):
     assert snapshot(ledger) == before
 
 
+def report(ledger: Ledger, reporter: str, culprit: str, now: float) -> dict[str, str]:
+    exclusion = swarm_pb2.Exclusion(peer_id=culprit, round=7, what="returned a non-finite average in round 7")
+    return ledger.heartbeat(reporter, 7, "d", {}, nonce(), now, now, exclusions=[exclusion])
+
+
+def test_a_culprit_is_banned_once_more_than_half_of_the_live_trainers_reported_it(ledger):
+    for peer in "ABCDX":
+        add_peer(ledger, peer)
+    add_peer(ledger, "V", role="verifier")  # no voice: it sends no heartbeats
+    now = time.time()
+    assert report(ledger, "A", "X", now) == {}  # 1 of the 4 live trainers other than X
+    assert report(ledger, "A", "X", now) == {}  # a report again is the same voice
+    assert report(ledger, "B", "X", now) == {}  # 2 of 4 is not more than half
+    assert not ledger.peer("X").banned
+    banned = report(ledger, "C", "X", now)
+    assert list(banned) == ["X"] and "reported by 3 of 4 live trainers" in banned["X"]
+    assert ledger.peer("X").banned and "non-finite" in ledger.peer("X").ban_reason
+
+
+def test_trainers_long_silent_have_no_voice_and_one_reporter_never_bans(ledger):
+    for peer in "ABCX":
+        add_peer(ledger, peer)
+    later = time.time() + 1000  # all were last seen 1000 s before (say, a coordinator outage): only reporters live
+    assert report(ledger, "A", "nobody", later) == {}  # an unknown peer: nothing kept
+    assert report(ledger, "A", "X", later) == {}  # 1 of 1 live trainers, but one word bans no one
+    assert list(report(ledger, "B", "X", later)) == ["X"]  # 2 of 2 (C is silent)
+    assert ledger.peer("nobody") is None
+
+
 def test_reopened_ledger_keeps_everything_and_the_nonces(tmp_path):
     path = tmp_path / "ledger.sqlite"
     ledger = Ledger(path, "run-a", "digest-a")
@@ -120,6 +149,28 @@ def test_reopened_ledger_keeps_everything_and_the_nonces(tmp_path):
             reopened.heartbeat("A", 5, "d", {"reward": 0.5}, used, time.time(), time.time())
     finally:
         reopened.close()
+
+
+def test_a_ledger_of_the_previous_schema_is_migrated_and_one_of_a_newer_refused(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path, "run-a", "digest-a")
+    add_peer(ledger, "A")
+    ledger.close()
+    with sqlite3.connect(path) as db:  # as schema v1 left it: no reports
+        db.execute("DROP TABLE reports")
+        db.execute("PRAGMA user_version=1")
+    migrated = Ledger(path, "run-a", "digest-a")
+    try:
+        add_peer(migrated, "B")
+        add_peer(migrated, "X")
+        report(migrated, "A", "X", time.time())
+        assert list(report(migrated, "B", "X", time.time())) == ["X"]
+    finally:
+        migrated.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(LedgerError, match="schema v99"):
+        Ledger(path, "run-a", "digest-a")
 
 
 def test_another_runs_ledger_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from node.swarm.run_records import dht_auth_kwargs
 from protocol import swarm_pb2
 from protocol.identity import SigningKey, binding_bytes, hivemind_public_key
 from protocol.keyfiles import generate_key
-from protocol.records import sign_record, signing_bytes
+from protocol.records import MAX_EXCLUSIONS, sign_record, signing_bytes
 from protocol.tokens import issue_token
 from tests.command import grpo_swarm
 from tests.system.control_plane.conftest import RUN_ID
@@ -191,6 +191,11 @@ def bad_peer_request(case: str, peer, token, other) -> tuple[str, swarm_pb2.Peer
         heartbeat.round = -1
     if case == "huge heartbeat":
         heartbeat.metrics["x" * (2 << 20)] = 1.0
+    if case == "excludes itself":
+        heartbeat.exclusions.add(peer_id=peer.peer_id, round=1, what="lied")
+    if case == "too many exclusions":
+        for index in range(MAX_EXCLUSIONS + 1):
+            heartbeat.exclusions.add(peer_id=f"{other.peer_id}{index}", round=1, what="lied")
     if case == "trainer reports a verdict":
         return "ReportVerdict", peer_request(token, peer.key, "verdict",
                                              swarm_pb2.Verdict(peer_id=peer.peer_id, passed=True))
@@ -207,6 +212,8 @@ def bad_peer_request(case: str, peer, token, other) -> tuple[str, swarm_pb2.Peer
     ("infinite metric", Code.INVALID_ARGUMENT, "metric 'loss' is inf"),
     ("negative round", Code.INVALID_ARGUMENT, "round -1 is negative"),
     ("huge heartbeat", Code.RESOURCE_EXHAUSTED, ""),
+    ("excludes itself", Code.INVALID_ARGUMENT, "name another peer"),
+    ("too many exclusions", Code.INVALID_ARGUMENT, f"more than {MAX_EXCLUSIONS} exclusions"),
     ("trainer reports a verdict", Code.PERMISSION_DENIED, "not a verifier"),
 ])
 def test_bad_peer_request_is_refused_and_changes_nothing(stub, admitted, new_peer, case, code, fragment):
@@ -214,6 +221,16 @@ def test_bad_peer_request_is_refused_and_changes_nothing(stub, admitted, new_pee
     method, request = bad_peer_request(case, peer, token, new_peer())
     before = status_bytes(stub)
     refused(getattr(stub, method), request, code, fragment)
+    assert status_bytes(stub) == before
+
+
+def test_only_trainers_report_exclusions(stub, admitted):
+    (trainer, _), (verifier, token) = admitted
+    heartbeat = swarm_pb2.Heartbeat(peer_id=verifier.peer_id, round=1, model_digest="d",
+                                    exclusions=[swarm_pb2.Exclusion(peer_id=trainer.peer_id, round=1, what="lied")])
+    before = status_bytes(stub)
+    refused(stub.Heartbeat, peer_request(token, verifier.key, "heartbeat", heartbeat, 1), Code.PERMISSION_DENIED,
+            "only trainers report exclusions")
     assert status_bytes(stub) == before
 
 
