@@ -60,6 +60,8 @@ CREATE TABLE reports (peer_id TEXT NOT NULL, reporter TEXT NOT NULL, round INTEG
 SCHEMA += REPORTS_TABLE + ";\n"
 MIGRATIONS = {1: [REPORTS_TABLE]}  # the statements that bring a ledger of schema vN to vN+1
 LIVE_SECONDS = 120.0  # a trainer heard from this recently is live: it has a voice on reported culprits
+PEERS_PAGE = 500  # peers in one status reply (about 100 KB)
+ROUNDS_PAGE = 1000  # rounds in one status reply (about 40 KB)
 MIN_REPORTERS = 2  # one reporter bans no one, even when it is the only trainer heard from (after an outage)
 
 
@@ -303,25 +305,38 @@ class Ledger:
             return self._ban(db, verdict.peer_id, reason, verifier, now)
 
     # ---- status --------------------------------------------------------------------------------
-    def status(self) -> swarm_pb2.StatusReply:
+    def status(self, page: Optional[swarm_pb2.StatusRequest] = None) -> swarm_pb2.StatusReply:
+        """One page of the run's status (``page`` None: the first peers and the latest rounds); limits above
+        PEERS_PAGE and ROUNDS_PAGE are cut to them, so a reply stays small however many peers registered."""
+        page = page or swarm_pb2.StatusRequest()
+        peers_limit = min(page.peers_limit or PEERS_PAGE, PEERS_PAGE)
+        rounds_limit = min(page.rounds_limit or ROUNDS_PAGE, ROUNDS_PAGE)
         with self._lock:
             peers = self._db.execute(
-                "SELECT p.peer_id, p.address, p.role, p.banned, p.ban_reason, p.last_seen, p.round, "
+                "SELECT p.rowid, p.peer_id, p.address, p.role, p.banned, p.ban_reason, p.last_seen, p.round, "
                 "(SELECT count(*) FROM contributions c WHERE c.peer_id = p.peer_id), "
                 "(SELECT count(*) FROM verdicts v WHERE v.peer_id = p.peer_id AND v.passed = 1), "
                 "(SELECT count(*) FROM verdicts v WHERE v.peer_id = p.peer_id AND v.passed = 0) "
-                "FROM peers p ORDER BY p.registered_at, p.peer_id").fetchall()
-            rounds = self._db.execute("SELECT round, reward, accuracy, allreduce_seconds, peers FROM rounds "
-                                      "ORDER BY round").fetchall()
-        reply = swarm_pb2.StatusReply(run_id=self.run_id, config_digest=self.config_digest)
-        for peer_id, address, role, banned, ban_reason, last_seen, round_, contributed, passed, failed in peers:
-            reply.peers.add(peer_id=peer_id, address=address, role=role, banned=bool(banned), ban_reason=ban_reason,
-                            last_seen=last_seen, round=round_, rounds_contributed=contributed, verdicts_passed=passed,
-                            verdicts_failed=failed)
+                "FROM peers p WHERE p.rowid > ? ORDER BY p.rowid LIMIT ?", (page.peers_after, peers_limit)).fetchall()
+            columns = "round, reward, accuracy, allreduce_seconds, peers"
+            if page.HasField("rounds_after"):
+                rounds = self._db.execute(f"SELECT {columns} FROM rounds WHERE round > ? ORDER BY round LIMIT ?",
+                                          (page.rounds_after, rounds_limit)).fetchall()
+            else:
+                rounds = self._db.execute(f"SELECT * FROM (SELECT {columns} FROM rounds ORDER BY round DESC "
+                                          "LIMIT ?) ORDER BY round", (rounds_limit,)).fetchall()
+            (peers_total, furthest), = self._db.execute("SELECT count(*), coalesce(max(round), 0) FROM peers")
+            (rounds_total, last_round), = self._db.execute("SELECT count(*), coalesce(max(round), 0) FROM rounds")
+        reply = swarm_pb2.StatusReply(run_id=self.run_id, config_digest=self.config_digest,
+                                      round=max(furthest, last_round), peers_total=peers_total,
+                                      rounds_total=rounds_total)
+        for index, peer_id, address, role, banned, ban_reason, last_seen, round_, contributed, passed, failed in peers:
+            reply.peers.add(index=index, peer_id=peer_id, address=address, role=role, banned=bool(banned),
+                            ban_reason=ban_reason, last_seen=last_seen, round=round_, rounds_contributed=contributed,
+                            verdicts_passed=passed, verdicts_failed=failed)
         for round_, reward, accuracy, allreduce_seconds, count in rounds:
             reply.rounds.add(round=round_, reward=_or_nan(reward), accuracy=_or_nan(accuracy),
                              allreduce_seconds=_or_nan(allreduce_seconds), peers=count)
-        reply.round = max([p.round for p in reply.peers] + [r.round for r in reply.rounds] + [0])
         return reply
 
 

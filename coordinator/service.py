@@ -290,14 +290,15 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         return swarm_pb2.Ack(message=f"unbanned {action.peer_id}" if changed else f"{action.peer_id} was not banned")
 
     # ---- reading ---------------------------------------------------------------------------------
-    def status(self) -> swarm_pb2.StatusReply:
-        """The ledger's view of the run, and where its DHT is (also the dashboard's snapshot)."""
-        reply = self.ledger.status()
+    def status(self, page: Optional[swarm_pb2.StatusRequest] = None) -> swarm_pb2.StatusReply:
+        """One page of the ledger's view of the run (the first peers and the latest rounds by default), and
+        where its DHT is (also the dashboard's snapshot)."""
+        reply = self.ledger.status(page)
         reply.initial_peers.extend(self.initial_peers)
         return reply
 
-    def Status(self, request, context) -> swarm_pb2.StatusReply:
-        return self.status()
+    def Status(self, request: swarm_pb2.StatusRequest, context) -> swarm_pb2.StatusReply:
+        return self.status(request)
 
-    def ListPeers(self, request, context) -> swarm_pb2.PeerList:
-        return swarm_pb2.PeerList(peers=self.ledger.status().peers)
+    def ListPeers(self, request: swarm_pb2.StatusRequest, context) -> swarm_pb2.PeerList:
+        return swarm_pb2.PeerList(peers=self.ledger.status(request).peers)

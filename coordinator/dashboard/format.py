@@ -31,6 +31,12 @@ def state_counts(reply: pb.StatusReply, now: float) -> dict[str, int]:
     return counts
 
 
+def peers_title(reply: pb.StatusReply) -> str:
+    """"peers", or which of them a page holds when the run has more (the counts above are of those too)."""
+    shown = len(reply.peers)
+    return "peers" if shown >= reply.peers_total else f"peers (the first {shown} of {reply.peers_total})"
+
+
 def short_id(peer_id: str) -> str:
     """libp2p ids all start "Qm" or "12D3KooW": keep a little of the head and more of the tail."""
     return peer_id if len(peer_id) <= 14 else f"{peer_id[:4]}…{peer_id[-8:]}"

@@ -21,6 +21,7 @@ from coordinator.dashboard.format import (
     last_value,
     number,
     peer_state,
+    peers_title,
     series,
     short_digest,
     short_id,
@@ -76,7 +77,7 @@ def render_page(reply: pb.StatusReply, now: float | None = None) -> str:
 {charts}
 </section>
 <section>
-<h2>Peers</h2>
+<h2>{escape(peers_title(reply).capitalize())}</h2>
 {_peers_table(reply, now)}
 </section>
 <footer><span id="refresh-state">status at {time.strftime('%H:%M:%S UTC', time.gmtime(now))};

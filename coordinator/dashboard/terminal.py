@@ -14,6 +14,7 @@ from coordinator.dashboard.format import (
     downsample,
     number,
     peer_state,
+    peers_title,
     series,
     short_digest,
     short_id,
@@ -63,7 +64,8 @@ def _reward_line(reply: pb.StatusReply) -> Text:
 
 
 def _peers_table(reply: pb.StatusReply, now: float) -> Table:
-    table = Table(title="peers", title_justify="left", caption=None if reply.peers else "no peers registered yet")
+    table = Table(title=peers_title(reply), title_justify="left",
+                  caption=None if reply.peers else "no peers registered yet")
     for column in ("peer", "address", "role", "round", "contributed", "verdicts ✓/✗", "state", "last seen"):
         table.add_column(column, justify="right" if column in ("round", "contributed", "verdicts ✓/✗") else "left")
     for peer in reply.peers:

@@ -178,11 +178,26 @@ class CoordinatorClient:
         self._channel.close()
 
 
-def coordinator_status(address: str, timeout: float = 5.0, attempts: int = 3) -> swarm_pb2.StatusReply:
-    """Status of the run a coordinator serves (no registration needed)."""
+def coordinator_status(address: str, timeout: float = 5.0, attempts: int = 3,
+                       page: Optional[swarm_pb2.StatusRequest] = None) -> swarm_pb2.StatusReply:
+    """One page of the status of the run a coordinator serves (no registration needed); by default its first
+    peers and latest rounds."""
     with open_channel(address) as channel:
-        return call(address, swarm_pb2_grpc.CoordinatorStub(channel).Status, swarm_pb2.StatusRequest,
-                    attempts=attempts, timeout=timeout, backoff=0.5)
+        return call(address, swarm_pb2_grpc.CoordinatorStub(channel).Status,
+                    lambda: page or swarm_pb2.StatusRequest(), attempts=attempts, timeout=timeout, backoff=0.5)
+
+
+def all_peers(address: str, timeout: float = 5.0, attempts: int = 3, page_size: int = 0) -> list[swarm_pb2.PeerInfo]:
+    """Every registered peer, page by page (``page_size`` 0: the coordinator's), until the first reply's total."""
+    first = coordinator_status(address, timeout, attempts, swarm_pb2.StatusRequest(peers_limit=page_size))
+    peers = list(first.peers)
+    while peers and len(peers) < first.peers_total:
+        next_page = swarm_pb2.StatusRequest(peers_after=peers[-1].index, peers_limit=page_size)
+        page = coordinator_status(address, timeout, attempts, next_page)
+        if not page.peers:
+            break
+        peers += page.peers
+    return peers
 
 
 def admin_action(address: str, admin_key: SigningKey, kind: str, peer_id: str, reason: str = "",

@@ -20,7 +20,7 @@ import pytest
 from cli.local_swarm.processes import group_members, stop_groups
 from cli.local_swarm.swarm import LocalSwarm
 from node.bench.attacks import ATTACKS
-from node.peer.coordinator_client import coordinator_status
+from node.peer.coordinator_client import all_peers, coordinator_status
 from node.runlog import RunLog
 from node.swarm.averaging import FailureKind
 from protocol.identity import P2PIdentity
@@ -39,7 +39,7 @@ def verdicts(swarm) -> list[dict]:
 
 
 def peer_info(swarm, peer_id: str):
-    return next((p for p in coordinator_status(swarm.address).peers if p.peer_id == peer_id), None)
+    return next((p for p in all_peers(swarm.address) if p.peer_id == peer_id), None)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def attacked(tmp_path_factory):
         outcomes["honest_rounds"] = [n.train_records() for n in swarm.nodes[:HONEST]]
         outcomes["verdicts"] = verdicts(swarm)
         status = coordinator_status(swarm.address)
-        outcomes["ledger"] = {p.peer_id: p for p in status.peers}
+        outcomes["ledger"] = {p.peer_id: p for p in all_peers(swarm.address)}
         outcomes["ledger_rounds"] = [r.round for r in status.rounds]
         outcomes["dashboard"] = dump_dom(swarm.ready["dashboard"])
         outcomes["screenshot"] = screenshot(swarm.ready["dashboard"], swarm.out_dir / "dashboard.png")

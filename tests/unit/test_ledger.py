@@ -55,6 +55,30 @@ def test_rounds_aggregate_the_peers_reports(ledger):
     assert [(p.peer_id, p.rounds_contributed, p.round) for p in status.peers] == [("A", 2, 1), ("B", 1, 0)]
 
 
+def test_status_pages_hold_peers_in_registration_order_and_the_latest_rounds(ledger, monkeypatch):
+    monkeypatch.setattr("coordinator.ledger.PEERS_PAGE", 4)
+    monkeypatch.setattr("coordinator.ledger.ROUNDS_PAGE", 3)
+    names = [f"P{i:02d}" for i in range(10)]
+    for name in reversed(names):  # registration order is not the names' order
+        add_peer(ledger, name)
+    for round_ in range(7):
+        heartbeat(ledger, "P00", round_, reward=0.5)
+    first = ledger.status()
+    assert (first.peers_total, first.rounds_total, first.round) == (10, 7, 6)
+    assert [p.peer_id for p in first.peers] == names[::-1][:4]  # cut to the page size
+    assert [r.round for r in first.rounds] == [4, 5, 6]  # the latest, ascending
+    seen, after = [], 0
+    for _ in range(5):
+        page = ledger.status(swarm_pb2.StatusRequest(peers_after=after, peers_limit=3))
+        if not page.peers:
+            break
+        seen += [p.peer_id for p in page.peers]
+        after = page.peers[-1].index
+    assert seen == names[::-1]
+    early = ledger.status(swarm_pb2.StatusRequest(rounds_after=0, rounds_limit=2))
+    assert [r.round for r in early.rounds] == [1, 2]
+
+
 def test_one_verdict_per_verifier_peer_and_round_is_recorded(ledger):
     add_peer(ledger, "A")
     add_peer(ledger, "V", role="verifier")

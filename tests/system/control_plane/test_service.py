@@ -8,7 +8,13 @@ import pytest
 
 from coordinator.dashboard.format import short_id
 from node.peer.announce import published_runs
-from node.peer.coordinator_client import CoordinatorClient, CoordinatorError, admin_action, registration_record
+from node.peer.coordinator_client import (
+    CoordinatorClient,
+    CoordinatorError,
+    admin_action,
+    all_peers,
+    registration_record,
+)
 from node.swarm.admission import Admission
 from node.swarm.dht import LOOPBACK, DHTSettings, start_dht
 from node.swarm.run_records import dht_auth_kwargs
@@ -222,6 +228,21 @@ def test_bad_peer_request_is_refused_and_changes_nothing(stub, admitted, new_pee
     before = status_bytes(stub)
     refused(getattr(stub, method), request, code, fragment)
     assert status_bytes(stub) == before
+
+
+def test_status_comes_in_pages_and_all_peers_reads_them_all(coordinator, stub, new_peer):
+    for peer in (new_peer(), new_peer(), new_peer()):
+        client_for(coordinator, peer).register()
+    whole = stub.Status(swarm_pb2.StatusRequest(), timeout=10)
+    assert len(whole.peers) == whole.peers_total >= 3
+    paged = all_peers(coordinator.address, page_size=2)
+    assert [p.peer_id for p in paged] == [p.peer_id for p in whole.peers]
+    indexes = [p.index for p in paged]
+    assert indexes == sorted(set(indexes))  # registration order, each once
+    second = stub.Status(swarm_pb2.StatusRequest(peers_after=indexes[1], peers_limit=2), timeout=10)
+    assert [p.peer_id for p in second.peers] == [p.peer_id for p in whole.peers[2:4]]
+    huge = stub.Status(swarm_pb2.StatusRequest(peers_limit=2**32 - 1, rounds_limit=2**32 - 1), timeout=10)
+    assert len(huge.peers) == len(whole.peers)  # cut to the coordinator's page, which holds them all here
 
 
 def test_only_trainers_report_exclusions(stub, admitted):
