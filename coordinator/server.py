@@ -7,8 +7,8 @@ the same run: peers renew their tokens (or register again) and go on. ``coordina
 says where it serves (written once it is up, removed on a clean stop).
 
 The parts it wires together: the DHT (node/swarm/dht.py), the checkpointer (checkpoints.py), the gRPC
-service and its ledger (service.py, ledger.py), the publisher of its DHT records (publisher.py) and the
-dashboard (dashboard/).
+service and its ledger (service.py, ledger.py), the reader of where the swarm is (swarm_round.py, which bounds
+the rounds heartbeats name), the publisher of its DHT records (publisher.py) and the dashboard (dashboard/).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from coordinator.ledger import Ledger
 from coordinator.publisher import Publisher, own_token
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
+from coordinator.swarm_round import SwarmRound
 from node.swarm.dht import start_dht
 from node.swarm.run_records import dht_auth_kwargs
 from protocol import swarm_pb2_grpc
@@ -118,9 +119,11 @@ def run_coordinator(settings: CoordinatorSettings, config: RunConfig, console: O
         checkpointer = Checkpointer(dht, config, out / "checkpoints", ledger.furthest_round, ledger.signing_key_of)
         parts.append(checkpointer.stop)
 
+        swarm_round = SwarmRound(dht, config.run.id, ledger.signing_key_of, ledger.furthest_round).start()
+        parts.append(swarm_round.stop)
         service = CoordinatorService(ledger, key, admin_key=admin_key, token_lifetime=token_lifetime,
                                      renew_grace=settings.renew_grace, verifier_keys=verifier_keys,
-                                     initial_peers=maddrs)
+                                     initial_peers=maddrs, round_bound=swarm_round.bound)
         server, grpc_port = start_grpc(service, settings.bind, settings.grpc_port)
         parts.append(lambda: server.stop(STOP_GRACE).wait())
         address = public_address(settings.public_address, settings.bind, grpc_port, settings.dht.announce_maddrs,

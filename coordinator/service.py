@@ -12,6 +12,8 @@ nothing. Refusals are gRPC status codes with a one-line reason:
   exclusions reported by a non-trainer
 - ALREADY_EXISTS: a peer id registered before with another Ed25519 key
 - NOT_FOUND: a peer the ledger does not know
+- FAILED_PRECONDITION: a heartbeat of a round past where the swarm's signed progress is (swarm_round.py); the
+  peer sends it again later
 - RESOURCE_EXHAUSTED: a message over the server's size limit (refused by gRPC itself)
 
 The banned set lives in memory too (heartbeat replies list it) and every change goes to ``on_bans``,
@@ -95,13 +97,16 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
     :param verifier_keys: public keys allowed to register as verifiers; None: any registered key (open)
     :param on_bans: called with the sorted banned peer ids after every change
     :param initial_peers: the coordinator's DHT multiaddrs, which Status tells nodes
+    :param round_bound: the furthest round a heartbeat may name now (swarm_round.py)
     """
 
     def __init__(self, ledger: Ledger, key: SigningKey, *, admin_key: bytes,
                  token_lifetime: float = DEFAULT_TOKEN_LIFETIME, renew_grace: float = DEFAULT_RENEW_GRACE,
                  verifier_keys: Optional[Iterable[bytes]] = None,
-                 on_bans: Callable[[list[str]], None] = lambda banned: None, initial_peers: Iterable[str] = ()):
+                 on_bans: Callable[[list[str]], None] = lambda banned: None, initial_peers: Iterable[str] = (),
+                 round_bound: Callable[[], float] = lambda: math.inf):
         self.ledger, self.key, self.run_id = ledger, key, ledger.run_id
+        self.round_bound = round_bound
         self.admin_key, self.token_lifetime, self.renew_grace = admin_key, token_lifetime, renew_grace
         self.verifier_keys = None if verifier_keys is None else frozenset(verifier_keys)
         self.on_bans, self.initial_peers = on_bans, list(initial_peers)
@@ -210,6 +215,9 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             _require(heartbeat.peer_id in ("", token.peer_id),
                      f"heartbeat of {heartbeat.peer_id} sent by {token.peer_id}")
             _require(heartbeat.round >= 0, f"round {heartbeat.round} is negative")
+            bound = self.round_bound()
+            _require(heartbeat.round <= bound, f"round {heartbeat.round} is past the swarm's (at most {bound} now)",
+                     grpc.StatusCode.FAILED_PRECONDITION)
             _short(heartbeat.model_digest, "model digest")
             _require(len(heartbeat.metrics) <= MAX_METRICS, f"more than {MAX_METRICS} metrics")
             for name, value in heartbeat.metrics.items():

@@ -13,6 +13,7 @@ import logging
 import threading
 from typing import Optional
 
+import grpc
 import hivemind
 
 from node.peer.coordinator_client import RETRIED, CoordinatorClient, CoordinatorError, coordinator_status
@@ -120,7 +121,18 @@ class Membership:
         for round_, (digest, metrics) in pending:
             with self._lock:
                 exclusions = list(self._exclusions.values())[:MAX_EXCLUSIONS]
-            reply = self.client.heartbeat(round_, digest, metrics, exclusions)
+            try:
+                reply = self.client.heartbeat(round_, digest, metrics, exclusions)
+            except CoordinatorError as e:
+                if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the coordinator has not seen the swarm this far
+                    logger.info(f"heartbeat of round {round_} waits: {e}")
+                    return
+                if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                logger.warning(f"heartbeat of round {round_} dropped: {e}")  # else it would hold back the rest
+                with self._lock:
+                    self._pending.pop(round_, None)
+                continue
             if reply is None:  # coordinator down: try again next tick
                 return
             with self._lock:

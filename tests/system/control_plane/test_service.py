@@ -197,6 +197,8 @@ def bad_peer_request(case: str, peer, token, other) -> tuple[str, swarm_pb2.Peer
         heartbeat.round = -1
     if case == "huge heartbeat":
         heartbeat.metrics["x" * (2 << 20)] = 1.0
+    if case == "round past the swarm":
+        heartbeat.round = 10**6  # no trainer published progress: the bound is the ledger's furthest round + slack
     if case == "excludes itself":
         heartbeat.exclusions.add(peer_id=peer.peer_id, round=1, what="lied")
     if case == "too many exclusions":
@@ -218,6 +220,7 @@ def bad_peer_request(case: str, peer, token, other) -> tuple[str, swarm_pb2.Peer
     ("infinite metric", Code.INVALID_ARGUMENT, "metric 'loss' is inf"),
     ("negative round", Code.INVALID_ARGUMENT, "round -1 is negative"),
     ("huge heartbeat", Code.RESOURCE_EXHAUSTED, ""),
+    ("round past the swarm", Code.FAILED_PRECONDITION, "past the swarm's"),
     ("excludes itself", Code.INVALID_ARGUMENT, "name another peer"),
     ("too many exclusions", Code.INVALID_ARGUMENT, f"more than {MAX_EXCLUSIONS} exclusions"),
     ("trainer reports a verdict", Code.PERMISSION_DENIED, "not a verifier"),
