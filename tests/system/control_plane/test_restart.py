@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from coordinator.server import READY_FILE
+from coordinator.swarm_round import ROUND_SLACK
 from node.peer.coordinator_client import CoordinatorClient, CoordinatorError
 from protocol import swarm_pb2
 from protocol.identity import SigningKey
@@ -84,21 +85,26 @@ def test_expired_token_is_renewed_within_the_grace_only(coordinator, new_peer):
 
 
 class Reporter(threading.Thread):
-    """A peer heartbeating round after round; ``acknowledged`` are the rounds the coordinator answered."""
+    """A peer heartbeating again and again, each time with a new reward, over the first ROUNDS rounds (with no
+    swarm to publish progress, the coordinator takes heartbeats of the first ROUND_SLACK + 1 rounds only);
+    ``acknowledged`` are the (round, reward) the coordinator answered."""
+
+    ROUNDS = ROUND_SLACK + 1
 
     def __init__(self, client: CoordinatorClient):
         super().__init__(daemon=True)
-        self.client, self.acknowledged, self.round = client, [], 0
+        self.client, self.acknowledged, self.sent = client, [], 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
+            round_, reward = self.sent % self.ROUNDS, self.sent / 1024
             try:
-                if self.client.heartbeat(self.round, f"d{self.round}", {"reward": 0.5}) is not None:
-                    self.acknowledged.append(self.round)
+                if self.client.heartbeat(round_, f"d{round_}", {"reward": reward}) is not None:
+                    self.acknowledged.append((round_, reward))
             except CoordinatorError:
                 pass  # expired token while the coordinator was down, etc.: the next try renews
-            self.round += 1
+            self.sent += 1
             time.sleep(0.02)
 
 
@@ -143,8 +149,10 @@ def test_kill_9_mid_run_then_restart_loses_nothing(coordinator_factory, tmp_path
         assert (second.info["peer_id"], second.info["public_key"]) == (first.info["peer_id"], first.info["public_key"])
         status = second.stub().Status(swarm_pb2.StatusRequest(), timeout=10)
         (busy_info,) = [p for p in status.peers if p.peer_id == busy.peer_id]
-        recorded = {r.round for r in status.rounds}
-        assert set(acknowledged) <= recorded and busy_info.rounds_contributed >= len(acknowledged)
+        recorded = {r.round: r.reward for r in status.rounds}
+        # each round holds the last reward answered for it, or a later one (its answer was lost in the kill)
+        assert all(recorded.get(round_, -1.0) >= reward for round_, reward in dict(acknowledged).items())
+        assert busy_info.rounds_contributed == Reporter.ROUNDS
         assert [p.peer_id for p in status.peers if p.banned] == [banned.peer_id]
 
         deadline = time.monotonic() + 30  # the client reconnects and renews (or registers again) by itself
