@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import statistics
 import threading
 import time
 from contextlib import contextmanager
@@ -269,15 +270,19 @@ class Ledger:
 
     @staticmethod
     def _update_round(db: sqlite3.Connection, round_: int, now: float) -> None:
-        reward, peers = db.execute("SELECT avg(mean_reward), count(*) FROM contributions WHERE round = ?",
-                                   (round_,)).fetchone()
+        """A round's reward, accuracy and all-reduce time are the medians of what its peers reported: each peer
+        reports for itself, and a median stays among the honest reports while fewer than half of them lie."""
+        rewards = [row[0] for row in db.execute("SELECT mean_reward FROM contributions WHERE round = ?", (round_,))]
 
-        def mean_of(name: str) -> Optional[float]:
-            return db.execute("SELECT avg(value) FROM metrics WHERE round = ? AND name = ?",
-                              (round_, name)).fetchone()[0]
+        def median_of(name: str) -> Optional[float]:
+            values = [row[0] for row in db.execute("SELECT value FROM metrics WHERE round = ? AND name = ?",
+                                                   (round_, name))]
+            return statistics.median(values) if values else None
 
+        known = [reward for reward in rewards if reward is not None]
+        reward = statistics.median(known) if known else None
         db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
-                   (round_, reward, mean_of("accuracy"), mean_of("allreduce_seconds"), peers, now))
+                   (round_, reward, median_of("accuracy"), median_of("allreduce_seconds"), len(rewards), now))
 
     def has_verdict(self, verifier: str, peer_id: str, round_: int) -> bool:
         """Whether ``verifier`` already judged ``peer_id``'s round ``round_`` (one verdict each: no verifier fills

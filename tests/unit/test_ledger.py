@@ -79,6 +79,17 @@ def test_status_pages_hold_peers_in_registration_order_and_the_latest_rounds(led
     assert [r.round for r in early.rounds] == [1, 2]
 
 
+def test_a_round_s_numbers_are_the_medians_of_its_peers_reports(ledger):
+    for peer in "ABCL":
+        add_peer(ledger, peer)
+    for peer, reward in zip("ABC", (0.25, 0.5, 0.75), strict=True):
+        heartbeat(ledger, peer, 2, reward=reward, accuracy=reward, allreduce_seconds=1.0)
+    heartbeat(ledger, "L", 2, reward=1e6, accuracy=1.0, allreduce_seconds=1e-9)  # one liar among four
+    (round_,) = ledger.status().rounds
+    assert 0.25 <= round_.reward <= 0.75 and 0.25 <= round_.accuracy <= 0.75
+    assert round_.allreduce_seconds == 1.0 and round_.peers == 4
+
+
 def test_one_verdict_per_verifier_peer_and_round_is_recorded(ledger):
     add_peer(ledger, "A")
     add_peer(ledger, "V", role="verifier")
