@@ -89,7 +89,10 @@ class Membership:
 
     def report_exclusion(self, peer_id: str, round_: int, what: str) -> None:
         """Tell the coordinator, with the next heartbeat, that this peer caught ``peer_id`` breaking the protocol
-        in ``round_`` (it bans a peer reported by more than half of the live trainers)."""
+        in ``round_`` (it bans a peer reported by more than half of the live trainers). Only trainers report:
+        a verifier sends no heartbeats and has no voice."""
+        if self.client.role != "trainer":
+            return
         with self._lock:
             self._exclusions[peer_id] = swarm_pb2.Exclusion(peer_id=peer_id, round=round_, what=what[:1024])
             for old in list(self._exclusions)[:-MAX_PENDING]:

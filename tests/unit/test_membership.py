@@ -19,7 +19,7 @@ class Coordinator:
     """Stands in for CoordinatorClient: refuses the rounds in ``refusals`` with their code, records the rest."""
 
     def __init__(self, refusals: dict[int, grpc.StatusCode]):
-        self.refusals, self.delivered = refusals, []
+        self.refusals, self.delivered, self.role = refusals, [], "trainer"
         self.token = swarm_pb2.AccessToken(issued_at=time.time(), expires_at=time.time() + 600)
 
     def expires_in(self) -> float:
@@ -46,6 +46,13 @@ def test_a_refused_heartbeat_is_dropped_and_the_later_ones_go_on():
     membership._tick()
     assert coordinator.delivered == [(0, ["QmLiar"]), (2, []), (3, [])]
     assert not membership._pending and not membership._exclusions
+
+
+def test_a_verifier_keeps_no_exclusions_to_report():
+    membership, coordinator = membership_with({})
+    coordinator.role = "verifier"
+    membership.report_exclusion("QmLiar", 2, "served another state than it published")
+    assert not membership._exclusions
 
 
 def test_a_heartbeat_past_the_swarm_waits_and_goes_once_the_coordinator_takes_it():
