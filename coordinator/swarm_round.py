@@ -42,9 +42,6 @@ class SwarmRound:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarm-round", daemon=True)
 
-    def current(self) -> int:
-        return self._round
-
     def bound(self) -> int:
         """The furthest round a heartbeat may name now."""
         return self._round + ROUND_SLACK

@@ -188,13 +188,14 @@ def coordinator_status(address: str, timeout: float = 5.0, attempts: int = 3,
 
 
 def all_peers(address: str, timeout: float = 5.0, attempts: int = 3, page_size: int = 0) -> list[swarm_pb2.PeerInfo]:
-    """Every registered peer, page by page (``page_size`` 0: the coordinator's), until the first reply's total."""
+    """Every registered peer, page by page (``page_size`` 0: the coordinator's), until the first reply's total or
+    a page that does not move the cursor on (so a broken or hostile coordinator cannot keep this reading)."""
     first = coordinator_status(address, timeout, attempts, swarm_pb2.StatusRequest(peers_limit=page_size))
     peers = list(first.peers)
     while peers and len(peers) < first.peers_total:
         next_page = swarm_pb2.StatusRequest(peers_after=peers[-1].index, peers_limit=page_size)
         page = coordinator_status(address, timeout, attempts, next_page)
-        if not page.peers:
+        if not page.peers or page.peers[0].index <= peers[-1].index:
             break
         peers += page.peers
     return peers
